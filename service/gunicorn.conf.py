@@ -1,0 +1,47 @@
+"""gunicorn settings for the service: `gunicorn -c service/gunicorn.conf.py service.app:app`.
+
+Read at start by the master, so a bad environment stops start-up here, before any worker is forked.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from service import logs  # noqa: E402
+from service.settings import SettingsError, load_settings  # noqa: E402
+
+try:
+    _settings = load_settings()
+except SettingsError as exc:
+    logs.fatal(str(exc))
+    sys.exit(2)
+
+# Cloud Run sends traffic to $PORT on 0.0.0.0; Fly sends it to internal_port (8080), and sets no PORT.
+bind = [f"{_settings.host}:{_settings.port}"]
+# uvicorn.workers is deprecated in favour of the uvicorn-worker package.
+worker_class = "uvicorn_worker.UvicornWorker"
+# One worker per container by default: the platform scales out, and each worker holds a copy of the model.
+workers = _settings.web_concurrency
+# Sessions must be created after fork (onnxruntime thread pools do not survive it), so no preload.
+preload_app = False
+# A heartbeat, not a request timeout: it must outlast opening a large model, which holds the GIL.
+timeout = _settings.worker_timeout
+# In-flight requests finish within this after SIGTERM: under Cloud Run's 10 s and Fly's kill_timeout.
+graceful_timeout = _settings.graceful_timeout
+# Longer than the platform proxies' idle timeouts, so they never reuse a connection we just closed.
+keepalive = _settings.keepalive
+# The platform's proxy sets X-Forwarded-*; nothing else can reach the container.
+forwarded_allow_ips = "*"
+# The heartbeat file lives on tmpfs: on a disk-backed dir its fchmod can stall a worker.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+# No control socket under $HOME or $XDG_RUNTIME_DIR: the container's filesystem is read-only but /tmp.
+control_socket_disable = True
+# JSON lines on stdout for gunicorn, uvicorn and the service; the service writes the access log itself.
+logconfig_dict = logs.logging_config(_settings.log_level)
+accesslog = None
+loglevel = _settings.log_level
+
+
+def post_worker_init(worker):
+    logs.JsonFormatter.project = _settings.google_cloud_project

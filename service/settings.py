@@ -1,0 +1,165 @@
+"""Typed settings of the inference service, read from the environment once at start.
+
+A bad value stops start-up with a message that names the variable and the fix (`SettingsError`), before any
+worker is forked (gunicorn.conf.py loads them first).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GS_URI = re.compile(r"^gs://(?P<bucket>[a-z0-9][a-z0-9._-]{1,220}[a-z0-9])/(?P<name>[^#]+?)(?:#(?P<generation>\d+))?$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the model lives: a Cloud Storage object (optionally one generation of it) or a local file."""
+
+    uri: str
+    bucket: str | None = None
+    name: str | None = None
+    generation: int | None = None
+    path: Path | None = None
+
+    @property
+    def is_gcs(self) -> bool:
+        return self.bucket is not None
+
+
+def parse_model_uri(uri: str) -> ModelSource:
+    uri = uri.strip()
+    if uri.startswith("gs://"):
+        match = GS_URI.match(uri)
+        if not match:
+            raise ValueError(
+                f"MODEL_URI {uri!r} is not of the form gs://BUCKET/PATH/model.onnx (optionally #GENERATION, "
+                "e.g. gs://my-models/resnet/model.onnx#1712345678901234)"
+            )
+        generation = match["generation"]
+        return ModelSource(uri, match["bucket"], match["name"], int(generation) if generation else None)
+    if "://" in uri:
+        raise ValueError(f"MODEL_URI {uri!r}: only gs:// URIs and local file paths are supported")
+    path = Path(uri).expanduser()
+    if not path.is_file():
+        raise ValueError(f"MODEL_URI {uri!r} is neither gs://BUCKET/OBJECT nor an existing local file")
+    return ModelSource(uri, path=path.resolve())
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; the README's configuration table lists the same names."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    model_uri: str = Field(description="gs://BUCKET/OBJECT[#GENERATION] or a local path of the ONNX model")
+    model_sha256: str = Field("", description="expected sha256 of the model file; a mismatch means it is never served")
+    port: int = Field(8080, ge=1, le=65535, description="port to listen on")
+    host: str = Field("0.0.0.0", description="address to listen on; the platforms need 0.0.0.0")
+    web_concurrency: int = Field(1, ge=1, le=64, description="gunicorn workers; one per container, scale out instead")
+    model_cache_dir: Path = Field(Path("/tmp/model-cache"), description="where the downloaded model is kept")
+    model_load_deadline: float = Field(300.0, gt=0, description="seconds to keep retrying the download")
+    exit_on_load_failure_after: float = Field(
+        30.0, description="seconds a failed load stays visible on /health before the process exits (-1: never exit)"
+    )
+    ort_intra_op_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads; 0: the container's CPUs / workers")
+    ort_allow_spinning: bool = Field(False, description="let onnxruntime threads spin between ops (burns idle CPU)")
+    inference_threads: int = Field(0, ge=0, description="concurrent session.run calls per worker; 0: same as intra-op threads")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest accepted request body")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info")
+    worker_timeout: int = Field(300, ge=0, description="gunicorn heartbeat timeout; must outlast a large model load")
+    graceful_timeout: int = Field(8, ge=1, description="seconds in-flight requests get after SIGTERM (Cloud Run: 10)")
+    keepalive: int = Field(75, ge=0, description="idle keep-alive seconds (longer than the platform proxy's)")
+    google_cloud_project: str = Field("", description="project id for trace ids in logs")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("model_uri")
+    @classmethod
+    def _valid_uri(cls, value: str) -> str:
+        parse_model_uri(value)
+        return value.strip()
+
+    @field_validator("model_sha256")
+    @classmethod
+    def _valid_sha(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value and not SHA256_HEX.match(value):
+            raise ValueError("MODEL_SHA256 must be 64 hex digits (the output of `sha256sum model.onnx`), or unset")
+        return value
+
+    @property
+    def source(self) -> ModelSource:
+        return parse_model_uri(self.model_uri)
+
+    @property
+    def intra_op_threads(self) -> int:
+        if self.ort_intra_op_threads:
+            return self.ort_intra_op_threads
+        return max(1, available_cpus() // self.web_concurrency)
+
+    @property
+    def run_threads(self) -> int:
+        return self.inference_threads or max(2, self.intra_op_threads)
+
+
+class SettingsError(Exception):
+    """Start-up configuration is wrong; the message says which variable and how to fix it."""
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    env = dict(os.environ if environ is None else environ)
+    if not env.get("MODEL_URI", "").strip():
+        raise SettingsError(
+            "MODEL_URI is not set: set it to gs://BUCKET/PATH/model.onnx (or a local .onnx file), "
+            "e.g. MODEL_URI=models/demo.onnx for the bundled demo model"
+        )
+    if env.get("PORT", None) == "":
+        env.pop("PORT")  # an empty PORT means "the default", as for gunicorn users
+    try:
+        return Settings(**{k.lower(): v for k, v in env.items() if k.lower() in Settings.model_fields})
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = str(error["loc"][0]).upper() if error["loc"] else "settings"
+            message = error["msg"].removeprefix("Value error, ")
+            given = error.get("input")
+            problems.append(f"{name}: {message} (got {given!r})")
+        raise SettingsError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def available_cpus() -> int:
+    """CPUs this container may really use: the cgroup quota and the affinity mask, not the host's count.
+
+    onnxruntime's default pool is sized to the host's physical cores and ignores the quota, which
+    oversubscribes a Cloud Run or Fly instance (microsoft/onnxruntime#29510).
+    """
+    cpus = len(os.sched_getaffinity(0))
+    quota = _cgroup_cpu_quota()
+    if quota:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return cpus
+
+
+def _cgroup_cpu_quota() -> float | None:
+    try:  # cgroup v2
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None

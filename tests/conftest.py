@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.support.models import DEMO_MODEL, linear_model
+from tests.support.storage_emulator import storage_emulator
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory):
+    """One real gcp-storage-emulator for the session; tests use their own bucket names."""
+    logs = tmp_path_factory.mktemp("emulator")
+    with storage_emulator(log_path=logs / "emulator.log") as running:
+        yield running
+
+
+@pytest.fixture
+def demo_model() -> Path:
+    assert DEMO_MODEL.is_file(), "models/demo.onnx is missing: run python scripts/make_demo_model.py"
+    return DEMO_MODEL
+
+
+@pytest.fixture
+def linear(tmp_path) -> Path:
+    return linear_model(tmp_path / "linear.onnx")

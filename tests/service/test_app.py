@@ -1,0 +1,136 @@
+"""The app in-process (its lifespan run by TestClient) with real onnxruntime sessions on real models."""
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import load_settings
+from tests.support.models import reference_outputs, two_input_model
+
+
+def client_for(model_path, **env):
+    settings = load_settings({"MODEL_URI": str(model_path), "EXIT_ON_LOAD_FAILURE_AFTER": "-1", **env})
+    app = create_app(settings)
+    client = TestClient(app)
+    client.__enter__()
+    assert app.state.store.loaded.wait(30)
+    return client
+
+
+@pytest.fixture
+def demo(demo_model):
+    client = client_for(demo_model)
+    yield client
+    client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def two_inputs(tmp_path):
+    client = client_for(two_input_model(tmp_path / "two.onnx"))
+    yield client
+    client.__exit__(None, None, None)
+
+
+def test_metadata_lists_inputs_and_outputs(demo):
+    body = demo.get("/metadata").json()
+    assert body["inputs"] == [{"name": "features", "dtype": "float32", "shape": ["N", 4]}]
+    assert [o["name"] for o in body["outputs"]] == ["logits", "probabilities"]
+
+
+def test_prediction_equals_onnxruntime_in_process(demo, demo_model):
+    rows = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
+    response = demo.post("/predict", json={"inputs": {"features": rows}})
+    assert response.status_code == 200
+    logits, probabilities = reference_outputs(demo_model, {"features": np.array(rows, np.float32)})
+    outputs = response.json()["outputs"]
+    np.testing.assert_allclose(outputs["logits"], logits, rtol=1e-6)
+    np.testing.assert_allclose(outputs["probabilities"], probabilities, rtol=1e-6)
+
+
+def test_bare_list_is_accepted_for_a_one_input_model(demo):
+    named = demo.post("/predict", json={"inputs": {"features": [[1, 2, 3, 4]]}}).json()
+    bare = demo.post("/predict", json={"inputs": [[1, 2, 3, 4]]}).json()
+    assert named == bare
+
+
+def test_integer_and_float_inputs_of_a_two_input_model(two_inputs, tmp_path):
+    response = two_inputs.post("/predict", json={"inputs": {"ids": [[1, 2, 3]], "scale": [[0.5]]}})
+    assert response.status_code == 200
+    assert response.json()["outputs"]["out"] == [[0.5, 1.0, 1.5]]
+
+
+BAD_DEMO_INPUTS = [
+    # (body, status, fragments the message must contain)
+    (b'{"inputs": [[1, 2, 3, 4]', 400, ["not valid JSON", '"inputs"']),
+    (b"[1, 2]", 422, ['"inputs" key']),
+    (b'{"instances": [[1, 2, 3, 4]]}', 422, ['"inputs" key']),
+    (b'{"inputs": {"feature": [[1, 2, 3, 4]]}}', 422, ["unknown input 'feature'", "['features']"]),
+    (b'{"inputs": {}}', 422, ["missing input 'features'"]),
+    (b'{"inputs": [1, 2, 3, 4]}', 422, ["'features'", "rank 1", "[N, 4]", "wrap a single example"]),
+    (b'{"inputs": [[1, 2, 3]]}', 422, ["'features'", "shape [1, 3]", "[N, 4]", "dimension 1 must be 4"]),
+    (b'{"inputs": [[1, 2, 3, 4], [1, 2]]}', 422, ["'features'", "uneven lengths", "[N, 4]"]),
+    (b'{"inputs": [["a", "b", "c", "d"]]}', 422, ["'features'", "strings", "float32"]),
+    (b'{"inputs": [[1, null, 3, 4]]}', 422, ["'features'", "null"]),
+    (b'{"inputs": {"features": "1,2,3,4"}}', 422, ["'features'", "strings"]),
+    (b'{"inputs": 5}', 422, ['"inputs" must be an object']),
+]
+
+
+@pytest.mark.parametrize("body, status, fragments", BAD_DEMO_INPUTS)
+def test_bad_input_gets_a_4xx_naming_the_input_and_the_expectation(demo, body, status, fragments):
+    response = demo.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    for fragment in fragments:
+        assert fragment in detail
+
+
+@pytest.mark.parametrize(
+    "inputs, fragments",
+    [
+        ({"ids": [[1.5, 2, 3]], "scale": [[1.0]]}, ["'ids'", "non-integer", "int64"]),
+        ({"ids": [[1, 2, 3]], "scale": [[True]]}, ["'scale'", "booleans"]),
+        ({"ids": [[1, 2, 3]], "scale": [[1.0]], "extra": [1]}, ["unknown input 'extra'"]),
+        ([[1, 2, 3]], ["bare list", "['ids', 'scale']"]),
+        ({"ids": [[1, 2, 3], [4, 5, 6]], "scale": [[1.0]]}, ["'ids' and 'scale' share dimension 'N'", "2 and 1"]),
+        ({"ids": [[2**70, 2, 3]], "scale": [[1.0]]}, ["'ids'"]),
+    ],
+)
+def test_dtype_and_structure_errors_on_a_two_input_model(two_inputs, inputs, fragments):
+    response = two_inputs.post("/predict", json={"inputs": inputs})
+    assert 400 <= response.status_code < 500, response.text
+    for fragment in fragments:
+        assert fragment in response.json()["detail"]
+
+
+def test_body_over_the_limit_is_refused_with_413(demo_model):
+    client = client_for(demo_model, MAX_BODY_BYTES="2048")
+    try:
+        big = b'{"inputs": [' + b",".join([b"[1.0, 2.0, 3.0, 4.0]"] * 200) + b"]}"
+        response = client.post("/predict", content=big)
+        assert response.status_code == 413
+        assert "MAX_BODY_BYTES" in response.json()["detail"]
+        # chunked: no Content-Length to trust, the limit still holds
+        response = client.post("/predict", content=iter([big[:1500], big[1500:]]))
+        assert response.status_code == 413
+        assert client.post("/predict", json={"inputs": [[1, 2, 3, 4]]}).status_code == 200
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_corrupt_local_model_fails_with_reason_and_refuses_predictions(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"this is not a protobuf")
+    client = client_for(bad)
+    try:
+        health = client.get("/health")
+        assert health.status_code == 503
+        body = health.json()
+        assert (body["status"], body["model_loaded"]) == ("failed", False)
+        assert "not a model onnxruntime can open" in body["error"]
+        refused = client.post("/predict", json={"inputs": [[1, 2, 3, 4]]})
+        assert refused.status_code == 503 and "failed to load" in refused.json()["detail"]
+        assert client.get("/metadata").status_code == 503
+    finally:
+        client.__exit__(None, None, None)

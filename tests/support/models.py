@@ -1,0 +1,99 @@
+"""Real ONNX models made with the onnx package, for tests and benchmarks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_MODEL = ROOT / "models" / "demo.onnx"
+
+
+def linear_model(path: Path, n_in: int = 4, n_out: int = 3, seed: int = 0) -> Path:
+    """features float32 [N, n_in] -> scores float32 [N, n_out] (MatMul + Add)."""
+    rng = np.random.default_rng(seed)
+    weights = rng.standard_normal((n_in, n_out)).astype(np.float32)
+    bias = rng.standard_normal(n_out).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["features", "w"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["scores"])],
+        "linear",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", n_in])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", n_out])],
+        initializer=[numpy_helper.from_array(weights, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    return _save(graph, path)
+
+
+def two_input_model(path: Path) -> Path:
+    """ids int64 [N, 3] and scale float32 [N, 1] -> out float32 [N, 3] = float(ids) * scale."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["ids"], ["idsf"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["idsf", "scale"], ["out"]),
+        ],
+        "two_inputs",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 3]),
+            helper.make_tensor_value_info("scale", TensorProto.FLOAT, ["N", 1]),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3])],
+    )
+    return _save(graph, path)
+
+
+def large_model(path: Path, megabytes: int, n_in: int = 64, seed: int = 0) -> Path:
+    """A model of about `megabytes` MB of float32 weights: features [N, n_in] -> scores [N, width]."""
+    width = max(1, megabytes * 1024 * 1024 // 4 // n_in)
+    rng = np.random.default_rng(seed)
+    weights = rng.standard_normal((n_in, width), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["features", "w"], ["scores"])],
+        "large",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", n_in])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", width])],
+        initializer=[numpy_helper.from_array(weights, "w")],
+    )
+    return _save(graph, path)
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path
+
+
+def reference_outputs(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """What onnxruntime gives in-process for the same model and input: the expected answer."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def slow_model(path: Path, size: int = 2048, rounds: int = 5) -> Path:
+    """x float32 [1, 1] -> y float32 [1, 1]; each inference multiplies `size`x`size` matrices `rounds` times,
+    so a request stays in flight long enough to test shutdown. y = x * size**rounds."""
+    nodes = [
+        helper.make_node("Constant", [], ["shape"], value=numpy_helper.from_array(np.array([size, size], np.int64))),
+        helper.make_node("Expand", ["x", "shape"], ["m0"]),
+        helper.make_node("ConstantOfShape", ["shape"], ["ones"], value=numpy_helper.from_array(np.ones(1, np.float32))),
+    ]
+    scale = np.float32(1.0 / size)
+    for i in range(rounds):
+        nodes.append(helper.make_node("MatMul", [f"m{i}", "ones"], [f"p{i}"]))
+        nodes.append(helper.make_node("Mul", [f"p{i}", "scale"], [f"m{i + 1}"]))
+    nodes.append(helper.make_node("ReduceMean", [f"m{rounds}"], ["y"], keepdims=1))
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])],
+        initializer=[numpy_helper.from_array(np.array(scale), "scale")],
+    )
+    return _save(graph, path)

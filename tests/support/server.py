@@ -1,0 +1,94 @@
+"""The service as users run it: a real gunicorn master with Uvicorn workers, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+from tests.support.models import ROOT
+from tests.support.ports import free_port
+from tests.support.processes import stop, wait_for
+
+GUNICORN = [str(Path(sys.executable).with_name("gunicorn")), "-c", "service/gunicorn.conf.py", "service.app:app"]
+
+
+@dataclass
+class Service:
+    process: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def health(self) -> tuple[int, dict] | None:
+        try:
+            response = httpx.get(self.url + "/health", timeout=2)
+        except httpx.TransportError:
+            return None
+        return response.status_code, response.json()
+
+    def wait_answering(self, timeout: float = 30) -> tuple[int, dict]:
+        return wait_for(lambda: self._alive() and self.health(), timeout, what="/health to answer")
+
+    def wait_state(self, state: str, timeout: float = 60) -> dict:
+        def reached():
+            self._alive()
+            answer = self.health()
+            return answer and answer[1]["status"] == state and answer[1]
+
+        return wait_for(reached, timeout, what=f"/health status {state!r}")
+
+    def predict(self, body, **kwargs) -> httpx.Response:
+        kwargs.setdefault("timeout", 30)
+        if isinstance(body, (bytes, str)):
+            return httpx.post(self.url + "/predict", content=body, **kwargs)
+        return httpx.post(self.url + "/predict", json=body, **kwargs)
+
+    def log_lines(self) -> list[dict]:
+        lines = []
+        for raw in self.log_path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                lines.append(json.loads(raw))
+        return lines
+
+    def raw_log(self) -> str:
+        return self.log_path.read_text()
+
+    def _alive(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"service exited with {self.process.returncode}:\n{self.raw_log()[-4000:]}")
+        return True
+
+
+def service_env(model_uri: str, port: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in {"MODEL_SHA256", "WEB_CONCURRENCY", "PORT"}}
+    env.update(MODEL_URI=model_uri, PORT=str(port), HOST="127.0.0.1", EXIT_ON_LOAD_FAILURE_AFTER="-1")
+    env.update(extra)
+    return env
+
+
+@contextlib.contextmanager
+def run_service(model_uri: str, log_dir: Path, **env: str) -> Iterator[Service]:
+    """Start gunicorn with the service's own config; env values override the defaults of `service_env`."""
+    port = int(env.pop("PORT", 0)) or free_port()
+    log_path = log_dir / f"service-{port}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            GUNICORN, cwd=ROOT, env=service_env(model_uri, port, **env),
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    service = Service(process, port, log_path)
+    try:
+        yield service
+    finally:
+        stop(service.process)

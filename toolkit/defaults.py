@@ -1,0 +1,45 @@
+"""Defaults for every setting the tasks read: `invoke.yaml` beside tasks.py, then INVOKE_* variables, then
+flags override them (Invoke's own config tree; see README "Configuration")."""
+
+DEFAULTS = {
+    "model": {
+        # gs://bucket/path/model.onnx[#generation] or a local file; the bundled demo model by default.
+        "uri": "models/demo.onnx",
+        "sha256": "",
+    },
+    "image": {
+        "name": "onnx-serve",
+        "tag": "",  # empty: the git commit (short sha, with -dirty when the tree has changes)
+        "base_image": "python:3.12-slim",
+        "platform": "linux/amd64",  # what Cloud Run runs
+        "registry": "",  # empty: taken from the target (Artifact Registry or registry.fly.io)
+    },
+    "gcp": {
+        "project": "",
+        "region": "us-central1",
+        "repository": "onnx-serve",  # Artifact Registry docker repository
+    },
+    "cloudrun": {
+        "service": "onnx-serve",
+        "build": "local",  # local (docker) or cloudbuild (gcloud builds submit, no docker needed)
+        "cpu": "2",
+        "memory": "2Gi",
+        "concurrency": 16,
+        "min_instances": 0,
+        "max_instances": 10,
+        "timeout": "60s",
+        "service_account": "",
+        "public": False,
+        "startup_probe_seconds": 600,  # how long the model may take to load before Cloud Run gives up
+    },
+    "fly": {
+        "app": "",
+        "region": "iad",
+        "config": "fly.toml",
+        "build": "remote",  # remote (Fly's builder) or image (push the local build)
+    },
+    "smoke": {
+        "timeout": 600,
+        "sample": "",  # JSON file with a request body; empty: built from the model's /metadata
+    },
+}
