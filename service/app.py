@@ -150,7 +150,7 @@ class AccessLog:
             path = scope.get("path", "")
             status = response["status"]
             self.log.log(
-                logging.WARNING if status >= 500 else logging.INFO,
+                logging.WARNING if status >= 500 and path != "/health" else logging.INFO,  # 503: still loading
                 "%s %s %d",
                 scope.get("method"),
                 path,

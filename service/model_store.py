@@ -225,22 +225,29 @@ def download_from_gcs(source: ModelSource, cache_dir: Path, deadline: float, sta
                 f"{where} does not exist: check MODEL_URI (bucket, object path, #generation) "
                 f"and that the runtime service account can read bucket {source.bucket}"
             )
+        if source.generation and blob.generation != source.generation:
+            raise ModelLoadError(
+                f"{where} does not exist (the object's generation is {blob.generation}): "
+                "pin an existing generation in MODEL_URI, or drop #GENERATION to serve the current object"
+            )
+        generation, size = blob.generation, blob.size  # a download rewrites the blob's properties from headers
         cache_dir.mkdir(parents=True, exist_ok=True)
-        target = cache_dir / f"{hashlib.sha256(f'{source.bucket}/{source.name}'.encode()).hexdigest()[:16]}-{blob.generation}.onnx"
+        key = hashlib.sha256(f"{source.bucket}/{source.name}".encode()).hexdigest()[:16]
+        target = cache_dir / f"{key}-{generation}.onnx"
         with _locked(target.with_suffix(".lock")):
-            if target.is_file() and target.stat().st_size == blob.size:
+            if target.is_file() and target.stat().st_size == size:
                 log.info("model found in cache", extra={"path": str(target)})
-                return FetchedModel(target, blob.generation, blob.size)
+                return FetchedModel(target, generation, size)
             partial = target.with_suffix(f".part-{os.getpid()}")
             try:
                 # Pinning the generation read above means a concurrent overwrite cannot mix two objects.
                 blob.download_to_filename(
-                    str(partial), checksum="crc32c", retry=retry, timeout=(10, 120), if_generation_match=blob.generation
+                    str(partial), checksum="crc32c", retry=retry, timeout=(10, 120), if_generation_match=generation
                 )
                 partial.rename(target)
             finally:
                 partial.unlink(missing_ok=True)
-        return FetchedModel(target, blob.generation, target.stat().st_size)
+        return FetchedModel(target, generation, target.stat().st_size)
     except google.auth.exceptions.DefaultCredentialsError as exc:
         raise ModelLoadError(
             f"no Google credentials to read {where}: on Cloud Run give the service a runtime service account; "
