@@ -2,9 +2,12 @@
 
 from invoke import Collection
 
-from toolkit import image
+from toolkit import fly, image, local, smoke
 from toolkit.defaults import DEFAULTS
+from toolkit.deploy import deploy, rollback
 
-ns = Collection()
+ns = Collection(deploy, rollback, smoke.smoke)
 ns.add_collection(Collection.from_module(image), name="image")
+ns.add_collection(Collection(local.stop), name="local")
+ns.add_collection(Collection(fly.credentials), name="fly")
 ns.configure(DEFAULTS)

@@ -33,10 +33,13 @@ DEFAULTS = {
         "startup_probe_seconds": 600,  # how long the model may take to load before Cloud Run gives up
     },
     "fly": {
-        "app": "",
-        "region": "iad",
+        "app": "",  # region, VM size, checks and scaling live in fly.toml
         "config": "fly.toml",
         "build": "remote",  # remote (Fly's builder) or image (push the local build)
+    },
+    "local": {
+        "runtime": "auto",  # docker when an engine answers, else process (gunicorn on this machine)
+        "port": 8080,
     },
     "smoke": {
         "timeout": 600,

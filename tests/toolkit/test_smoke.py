@@ -1,0 +1,105 @@
+"""The smoke test against a real local service (gunicorn, emulator), and against a stand-in of the API where a
+test needs behaviour the real service never shows (a wrong output shape, a token it demands)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+from tests.support.fake_service import fake_service
+from tests.support.models import ROOT, linear_model
+from tests.support.ports import free_port
+from tests.support.server import run_service
+from tests.support.storage_emulator import storage_emulator
+from toolkit import smoke
+
+INVOKE = [sys.executable, "-m", "invoke"]
+
+
+def quiet(_):
+    pass
+
+
+def test_passes_once_the_model_loads_after_a_delay(tmp_path):
+    port = free_port()
+    model = linear_model(tmp_path / "m.onnx")
+    seen = []
+    with run_service("gs://late/m.onnx", tmp_path, STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{port}") as service:
+
+        def storage_comes_up_late():
+            time.sleep(3)
+            with storage_emulator(port) as emulator:
+                emulator.upload("late", "m.onnx", model)
+                done.wait(60)
+
+        done = threading.Event()
+        threading.Thread(target=storage_comes_up_late, daemon=True).start()
+        try:
+            result = smoke.check(service.url, timeout=60, progress=seen.append)
+        finally:
+            done.set()
+    assert result.ok, result.reason
+    assert result.outputs == {"scores": [1, 3]}
+    assert any(line.startswith("waiting: 503 loading") for line in seen)
+    assert result.seconds >= 2.5
+
+
+def test_times_out_when_the_model_never_loads(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    with run_service("gs://never/m.onnx", tmp_path, STORAGE_EMULATOR_HOST=dead) as service:
+        result = smoke.check(service.url, timeout=3, progress=quiet)
+    assert not result.ok
+    assert result.reason.startswith("timed out") and "503 loading (downloading)" in result.reason
+
+
+def test_reports_the_load_failure_reason(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"no model here")
+    with run_service(str(bad), tmp_path) as service:
+        result = smoke.check(service.url, timeout=30, progress=quiet)
+    assert not result.ok
+    assert result.reason.startswith("the model failed to load:") and "onnxruntime" in result.reason
+
+
+def test_fails_on_a_wrong_prediction_shape():
+    with fake_service(outputs={"scores": [[0.1, 0.9]]}) as (url, _):
+        result = smoke.check(url, timeout=10, progress=quiet)
+    assert not result.ok
+    assert result.reason == "output 'scores' has shape [1, 2]; the model declares ['N', 3]"
+
+
+def test_fails_on_a_missing_output_and_on_a_sha256_mismatch():
+    with fake_service(outputs={}) as (url, _):
+        assert "left out output 'scores'" in smoke.check(url, timeout=10, progress=quiet).reason
+    with fake_service() as (url, _):
+        result = smoke.check(url, timeout=10, expect_sha256="cd" * 32, progress=quiet)
+        assert f"runs model sha256 {'ab' * 32}" in result.reason
+
+
+def test_private_service_needs_the_token(tmp_path):
+    with fake_service(token="s3cret") as (url, received):
+        denied = smoke.check(url, timeout=2, progress=quiet)
+        allowed = smoke.check(url, timeout=10, token="s3cret", progress=quiet)
+    assert not denied.ok and "last: 403" in denied.reason
+    assert allowed.ok
+    assert received[-1]["path"] == "/predict"
+    assert received[-1]["body"] == {"inputs": {"features": [[0.5, 0.5, 0.5, 0.5]]}}
+
+
+def test_invoke_smoke_exit_codes_and_json(demo_model, tmp_path):
+    with run_service(str(demo_model), tmp_path) as service:
+        passed = subprocess.run([*INVOKE, "smoke", "--url", service.url, "--json"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=120)
+    assert passed.returncode == 0, passed.stderr
+    report = json.loads(passed.stdout)
+    assert report["ok"] is True and report["outputs"] == {"logits": [1, 3], "probabilities": [1, 3]}
+    assert report["health"]["model_loaded"] is True
+    assert report["request"] == {"inputs": {"features": [[0.5, 0.5, 0.5, 0.5]]}}
+
+    failed = subprocess.run([*INVOKE, "smoke", "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "2"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1
+    assert "FAIL" in failed.stdout and "timed out" in failed.stdout and "not answering" in failed.stdout

@@ -1,0 +1,211 @@
+"""Cloud Run: build (locally or on Cloud Build), deploy a revision with no traffic and a tag, smoke-test the tag's
+URL, and only then move traffic to it. Every gcloud command is built in one function here, from config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+import shutil
+
+from invoke import Context, Exit
+
+from toolkit import image, smoke
+
+PROBE_PERIOD_SECONDS = 10
+
+
+def check_ready(c: Context, dry_run: bool) -> None:
+    """Cheap checks first: config set, gcloud present and logged in, a model Cloud Run can reach."""
+    if not c.gcp.project:
+        raise Exit("gcp.project is not set: put `gcp: {project: MY-PROJECT}` in invoke.yaml or set INVOKE_GCP_PROJECT.")
+    if not str(c.model.uri).startswith("gs://"):
+        raise Exit(
+            f"model.uri is {c.model.uri!r}: Cloud Run downloads the model from Cloud Storage, so upload it "
+            "(`gcloud storage cp model.onnx gs://BUCKET/model.onnx`) and set model.uri to that gs:// URI."
+        )
+    if dry_run:
+        return
+    if not shutil.which("gcloud"):
+        raise Exit("gcloud is not on PATH: install the Google Cloud CLI (https://cloud.google.com/sdk/docs/install).")
+    if not c.run("gcloud auth print-access-token", hide=True, warn=True).ok:
+        raise Exit("gcloud has no credentials: run `gcloud auth login` (or set a service account) first.")
+
+
+def _where(c: Context) -> list[str]:
+    return ["--project", c.gcp.project, "--region", c.gcp.region]
+
+
+def env_vars(c: Context) -> dict[str, str]:
+    env = {"MODEL_URI": c.model.uri, "WEB_CONCURRENCY": "1", "GOOGLE_CLOUD_PROJECT": c.gcp.project}
+    if c.model.sha256:
+        env["MODEL_SHA256"] = c.model.sha256
+    cpus = float(c.cloudrun.cpu)
+    if cpus >= 1:  # one onnxruntime thread per vCPU the instance really has
+        env["ORT_INTRA_OP_THREADS"] = str(int(cpus))
+    return env
+
+
+def startup_probe(c: Context) -> str:
+    # The probe's window (period x failures) must cover downloading and opening the model; /health answers 503
+    # until then, and the instance gets traffic only after it answers 200.
+    failures = max(3, math.ceil(int(c.cloudrun.startup_probe_seconds) / PROBE_PERIOD_SECONDS))
+    return (
+        f"httpGet.path=/health,httpGet.port=8080,periodSeconds={PROBE_PERIOD_SECONDS},"
+        f"timeoutSeconds=5,failureThreshold={failures}"
+    )
+
+
+def deploy_command(c: Context, image_ref: str, tag: str | None) -> list[str]:
+    """`gcloud run deploy`: a new service when tag is None, else a revision with no traffic and that tag."""
+    cr = c.cloudrun
+    env = env_vars(c)
+    command = [
+        "gcloud", "run", "deploy", cr.service, "--image", image_ref, *_where(c),
+        "--port", "8080",
+        "--cpu", str(cr.cpu), "--memory", str(cr.memory),
+        "--concurrency", str(cr.concurrency),
+        "--min-instances", str(cr.min_instances), "--max-instances", str(cr.max_instances),
+        "--timeout", str(cr.timeout),
+        # A custom delimiter, so that values may hold commas.
+        "--set-env-vars", "^@^" + "@".join(f"{k}={v}" for k, v in env.items()),
+        "--startup-probe", startup_probe(c),
+        "--cpu-boost",
+        "--execution-environment", "gen2",
+        "--allow-unauthenticated" if cr.public else "--no-allow-unauthenticated",
+        "--quiet",
+    ]  # fmt: skip
+    if cr.service_account:
+        command += ["--service-account", cr.service_account]
+    if tag:
+        command += ["--no-traffic", "--tag", tag]
+    return command
+
+
+def cloudbuild_command(c: Context, tag: str) -> list[str]:
+    """Build and push on Cloud Build (no local Docker); the invoke task deploys, so the file's deploy step is off."""
+    substitutions = {
+        "_REGION": c.gcp.region, "_REPOSITORY": c.gcp.repository, "_IMAGE": c.image.name,
+        "_TAG": tag, "_SERVICE": c.cloudrun.service, "_DEPLOY": "false",
+    }  # fmt: skip
+    return [
+        "gcloud", "builds", "submit", "--project", c.gcp.project, "--config", "cloudbuild.yaml",
+        "--substitutions", ",".join(f"{k}={v}" for k, v in substitutions.items()), ".",
+    ]  # fmt: skip
+
+
+def describe(c: Context) -> dict | None:
+    """The service as Cloud Run has it, or None when it does not exist yet."""
+    command = ["gcloud", "run", "services", "describe", c.cloudrun.service, *_where(c), "--format", "json"]
+    result = c.run(shlex.join(command), hide=True, warn=True)
+    if not result.ok:
+        if re.search(r"could not be found|NOT_FOUND|404", result.stderr):
+            return None
+        raise Exit(f"`{shlex.join(command)}` failed:\n{result.stderr}")
+    return json.loads(result.stdout)
+
+
+def traffic_tag(image_tag: str) -> str:
+    # Tags are lower-case letters, digits and dashes, starting with a letter; they become part of a URL.
+    return ("rev-" + re.sub(r"[^a-z0-9-]+", "-", image_tag.lower())).strip("-")[:46]
+
+
+def tagged(service: dict, tag: str) -> dict:
+    for target in service.get("status", {}).get("traffic", []):
+        if target.get("tag") == tag:
+            return target
+    raise Exit(f"Cloud Run reports no traffic target tagged {tag!r} after the deploy: {service.get('status')}")
+
+
+def move_traffic_command(c: Context, revision: str) -> list[str]:
+    return ["gcloud", "run", "services", "update-traffic", c.cloudrun.service, *_where(c),
+            "--to-revisions", f"{revision}=100", "--quiet"]  # fmt: skip
+
+
+def deploy(c: Context, tag: str, dry_run: bool) -> None:
+    check_ready(c, dry_run)
+    image_tag = tag or image.default_tag(c)
+    image_ref = image.image_ref(c, "cloudrun", image_tag)
+    if c.cloudrun.build == "cloudbuild":
+        c.run(shlex.join(cloudbuild_command(c, image_tag)), dry=dry_run)
+    else:
+        image.build_and_push(c, "cloudrun", image_tag, dry_run)
+
+    existing = None if dry_run else describe(c)
+    if dry_run:
+        print("# first deploy runs the command without --no-traffic --tag; later deploys run it as shown:")
+    if existing is None and not dry_run:
+        c.run(shlex.join(deploy_command(c, image_ref, None)))
+        url = describe(c)["status"]["url"]
+        finish(c, smoke_url(c, url), on_failure="the new service is up but does not serve the model")
+        return
+
+    candidate = traffic_tag(image_tag)
+    c.run(shlex.join(deploy_command(c, image_ref, candidate)), dry=dry_run)
+    if dry_run:
+        print(f"# then: smoke test the {candidate} tag URL, then:")
+        c.run(shlex.join(move_traffic_command(c, f"{c.cloudrun.service}-REVISION")), dry=True)
+        return
+    target = tagged(describe(c), candidate)
+    serving = serving_revisions(existing)
+    finish(
+        c,
+        smoke_url(c, target["url"]),
+        on_failure=f"traffic stays on {', '.join(serving) or 'the previous revision'}; "
+        f"the failed revision {target['revisionName']} keeps tag {candidate} for inspection",
+    )
+    c.run(shlex.join(move_traffic_command(c, target["revisionName"])))
+    print(f"traffic: 100% to {target['revisionName']} ({describe(c)['status']['url']})")
+
+
+def smoke_url(c: Context, url: str) -> smoke.SmokeResult:
+    token = "" if c.cloudrun.public else smoke.gcloud_identity_token(c)
+    print(f"smoke test: {url}")
+    return smoke.check(url, timeout=float(c.smoke.timeout), token=token, expect_sha256=c.model.sha256)
+
+
+def finish(c: Context, result: smoke.SmokeResult, on_failure: str) -> None:
+    if not result.ok:
+        raise Exit(f"smoke test failed: {result.reason}\n{on_failure}")
+    print(f"smoke test passed in {result.seconds}s: outputs {result.outputs}")
+
+
+def serving_revisions(service: dict) -> list[str]:
+    return [t["revisionName"] for t in service.get("status", {}).get("traffic", []) if t.get("percent")]
+
+
+def rollback(c: Context, to: str, dry_run: bool) -> None:
+    """Move all traffic back to `to`, or to the newest ready revision older than the one serving now."""
+    check_ready(c, dry_run)
+    if dry_run:
+        c.run(shlex.join(move_traffic_command(c, to or f"{c.cloudrun.service}-PREVIOUS")), dry=True)
+        return
+    if not to:
+        to = previous_revision(c)
+    c.run(shlex.join(move_traffic_command(c, to)))
+    print(f"traffic: 100% to {to}")
+
+
+def previous_revision(c: Context) -> str:
+    service = describe(c)
+    if service is None:
+        raise Exit(f"service {c.cloudrun.service} does not exist in {c.gcp.region}: nothing to roll back.")
+    serving = serving_revisions(service)
+    command = ["gcloud", "run", "revisions", "list", "--service", c.cloudrun.service, *_where(c), "--format", "json"]
+    revisions = json.loads(c.run(shlex.join(command), hide=True).stdout)
+
+    def ready(revision: dict) -> bool:
+        conditions = revision.get("status", {}).get("conditions", [])
+        return any(cond.get("type") == "Ready" and cond.get("status") == "True" for cond in conditions)
+
+    created = {r["metadata"]["name"]: r["metadata"].get("creationTimestamp", "") for r in revisions}
+    newest_serving = max((created.get(name, "") for name in serving), default="")
+    older = sorted(
+        (r for r in revisions if ready(r) and created[r["metadata"]["name"]] < newest_serving),
+        key=lambda r: created[r["metadata"]["name"]],
+    )
+    if not older:
+        raise Exit(f"no ready revision older than {', '.join(serving)}: pass --to REVISION.")
+    return older[-1]["metadata"]["name"]

@@ -1,0 +1,48 @@
+"""`invoke deploy --target T` and `invoke rollback --target T`: one table maps each target to its module."""
+
+from __future__ import annotations
+
+from invoke import Exit, task
+
+from toolkit import cloudrun, fly, local
+
+TARGETS = {
+    "cloudrun": cloudrun,  # Google Cloud Run: revision with no traffic + tag, smoke test, then traffic
+    "fly": fly,  # Fly.io: flyctl deploy, smoke test, redeploy the previous image on failure
+    "local": local,  # this machine: Docker if an engine answers, else gunicorn; the demo model by default
+}
+TARGET_HELP = "where to deploy: " + ", ".join(TARGETS)
+
+
+def _target(name: str):
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise Exit(f"unknown target {name!r}: use one of {', '.join(TARGETS)}") from None
+
+
+@task(
+    help={
+        "target": TARGET_HELP,
+        "tag": "image tag / release label (default: the git commit)",
+        "dry_run": "print every command instead of running it",
+    }
+)
+def deploy(c, target="local", tag="", dry_run=False):
+    """Build, push and deploy the service to TARGET, then prove it serves the model with the smoke test."""
+    _target(target).deploy(c, tag=tag, dry_run=dry_run)
+
+
+@task(
+    help={
+        "target": "cloudrun or fly",
+        "to": "revision (Cloud Run) or image (Fly) to go back to; default: the one before the current",
+        "dry_run": "print every command instead of running it",
+    }
+)
+def rollback(c, target, to="", dry_run=False):
+    """Send traffic back to the previous revision (Cloud Run) or redeploy the previous image (Fly)."""
+    module = _target(target)
+    if not hasattr(module, "rollback"):
+        raise Exit(f"target {target!r} has nothing to roll back: redeploy it instead")
+    module.rollback(c, to=to, dry_run=dry_run)

@@ -1,0 +1,163 @@
+"""Fly.io: deploy with flyctl (Fly's remote builder, or an image pushed from here), smoke-test the app's URL, and
+redeploy the previous release's image when the smoke test fails. Every flyctl command is built here, from config.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shlex
+import shutil
+from pathlib import Path
+
+from invoke import Context, Exit, task
+
+from toolkit import image, smoke
+
+
+def flyctl() -> str:
+    return shutil.which("flyctl") or shutil.which("fly") or ""
+
+
+def check_ready(c: Context, dry_run: bool) -> None:
+    if not c.fly.app:
+        raise Exit("fly.app is not set: put `fly: {app: MY-APP}` in invoke.yaml or set INVOKE_FLY_APP.")
+    if not str(c.model.uri).startswith("gs://"):
+        raise Exit(
+            f"model.uri is {c.model.uri!r}: the app downloads the model from Cloud Storage at start, so upload it "
+            "and set model.uri to its gs:// URI (see README: Fly, model access)."
+        )
+    if not Path(c.fly.config).is_file():
+        raise Exit(f"{c.fly.config} not found: run from the project root, or set fly.config.")
+    if dry_run:
+        return
+    if not flyctl():
+        raise Exit("flyctl is not on PATH: install it (https://fly.io/docs/flyctl/install/).")
+    if not c.run(f"{flyctl()} auth whoami", hide=True, warn=True).ok:
+        raise Exit("flyctl is not logged in: run `flyctl auth login` (or set FLY_API_TOKEN).")
+
+
+def _app(c: Context) -> list[str]:
+    return ["--app", c.fly.app]
+
+
+def deploy_command(c: Context, image_ref: str | None, label: str) -> list[str]:
+    """`flyctl deploy`: Fly's remote builder by default, or a given image (pushed from here, or a rollback)."""
+    command = [flyctl() or "flyctl", "deploy", *_app(c), "--config", c.fly.config, "--wait-timeout", "10m"]
+    command += ["--image", image_ref] if image_ref else ["--remote-only", "--image-label", label]
+    for name, value in env_vars(c).items():
+        command += ["--env", f"{name}={value}"]
+    return command
+
+
+def env_vars(c: Context) -> dict[str, str]:
+    env = {"MODEL_URI": c.model.uri}
+    if c.model.sha256:
+        env["MODEL_SHA256"] = c.model.sha256
+    return env
+
+
+def app_url(c: Context) -> str:
+    return f"https://{c.fly.app}.fly.dev"
+
+
+def current_image(c: Context) -> str | None:
+    """The image the app's machines run now (`flyctl status --json`), to come back to if the deploy fails."""
+    result = c.run(shlex.join([flyctl(), "status", "--json", *_app(c)]), hide=True, warn=True)
+    if not result.ok:
+        return None  # a new app has no machines yet
+    status = json.loads(result.stdout or "{}")
+    for machine in status.get("Machines") or []:
+        ref = machine.get("image_ref") or {}
+        if ref.get("repository"):
+            name = f"{ref.get('registry', 'registry.fly.io')}/{ref['repository']}"
+            return f"{name}@{ref['digest']}" if ref.get("digest") else f"{name}:{ref.get('tag', 'latest')}"
+    return None
+
+
+def deploy(c: Context, tag: str, dry_run: bool) -> None:
+    check_ready(c, dry_run)
+    label = tag or image.default_tag(c)
+    previous = None if dry_run else current_image(c)
+    image_ref = None
+    if c.fly.build == "image":
+        image_ref = image.image_ref(c, "fly", label)
+        image.build_and_push(c, "fly", label, dry_run)
+    c.run(shlex.join(deploy_command(c, image_ref, label)), dry=dry_run)
+    if dry_run:
+        print(f"# then: smoke test {app_url(c)}; on failure: flyctl deploy --image <previous image> --strategy immediate")
+        return
+    print(f"smoke test: {app_url(c)}")
+    result = smoke.check(app_url(c), timeout=float(c.smoke.timeout), expect_sha256=c.model.sha256)
+    if result.ok:
+        print(f"smoke test passed in {result.seconds}s: outputs {result.outputs}")
+        return
+    if previous:
+        print(f"smoke test failed ({result.reason}); redeploying the previous image {previous}")
+        c.run(shlex.join(rollback_command(c, previous)))
+        raise Exit(f"smoke test failed: {result.reason}\nrolled back to {previous}")
+    raise Exit(f"smoke test failed: {result.reason}\nno previous release to roll back to")
+
+
+def rollback_command(c: Context, image_ref: str) -> list[str]:
+    # Fly has no rollback command: redeploy the older image (config and secrets stay as they are).
+    return [flyctl() or "flyctl", "deploy", *_app(c), "--config", c.fly.config, "--image", image_ref,
+            "--strategy", "immediate", "--wait-timeout", "10m"]  # fmt: skip
+
+
+def previous_release_image(c: Context) -> str:
+    result = c.run(shlex.join([flyctl(), "releases", "--json", "--image", *_app(c)]), hide=True)
+    releases = json.loads(result.stdout or "[]")
+    images = [r.get("ImageRef") for r in sorted(releases, key=lambda r: r.get("Version", 0), reverse=True)]
+    current = images[0] if images else None
+    for ref in images[1:]:
+        if ref and ref != current:
+            return ref
+    raise Exit("no earlier release with a different image: pass --to IMAGE.")
+
+
+def rollback(c: Context, to: str, dry_run: bool) -> None:
+    check_ready(c, dry_run)
+    if dry_run:
+        c.run(shlex.join(rollback_command(c, to or "<previous release image>")), dry=True)
+        return
+    target = to or previous_release_image(c)
+    c.run(shlex.join(rollback_command(c, target)))
+    print(f"redeployed {target}")
+
+
+@task(
+    help={
+        "key_file": "Google service-account key (JSON) with roles/storage.objectViewer on the model bucket",
+        "dry_run": "print the command instead of running it",
+    }
+)
+def credentials(c, key_file, dry_run=False):
+    """Store a service-account key as the Fly secret the app turns into Application Default Credentials."""
+    check_ready(c, dry_run)
+    try:
+        key = json.loads(Path(key_file).read_text())
+    except (OSError, ValueError) as exc:
+        raise Exit(f"cannot read {key_file} as a service-account key: {exc}") from None
+    if key.get("type") != "service_account":
+        raise Exit(f"{key_file} is not a service-account key (type {key.get('type')!r}); create one with "
+                   "`gcloud iam service-accounts keys create key.json --iam-account=SA_EMAIL`.")
+    # Piped on stdin (NAME=-), never on the command line; fly.toml's [[files]] writes it to the credentials path.
+    encoded = base64.b64encode(Path(key_file).read_bytes()).decode()
+    command = [flyctl() or "flyctl", "secrets", "set", "GCP_SA_JSON_B64=-", "--stage", *_app(c)]
+    if dry_run:
+        print(shlex.join(command) + " < base64 " + key_file)
+        return
+    c.run(shlex.join(command), in_stream=_Stdin(encoded), hide="out")
+    print("stored secret GCP_SA_JSON_B64; it takes effect on the next `invoke deploy --target fly`")
+
+
+class _Stdin:
+    """A one-shot readable stream for c.run(in_stream=...)."""
+
+    def __init__(self, text: str):
+        self.data = text
+
+    def read(self, size: int = -1) -> str:
+        chunk, self.data = (self.data, "") if size < 0 else (self.data[:size], self.data[size:])
+        return chunk
