@@ -25,3 +25,7 @@ def demo_model() -> Path:
 @pytest.fixture
 def linear(tmp_path) -> Path:
     return linear_model(tmp_path / "linear.onnx")
+
+
+# Stand-ins of the platforms' CLIs/APIs, as fixtures: `gcloud_stub` (real gcloud, local API) and `fake_flyctl`.
+pytest_plugins = ["tests.support.gcloud_stub", "tests.support.fake_flyctl"]

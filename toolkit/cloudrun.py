@@ -101,7 +101,7 @@ def describe(c: Context) -> dict | None:
     command = ["gcloud", "run", "services", "describe", c.cloudrun.service, *_where(c), "--format", "json"]
     result = c.run(shlex.join(command), hide=True, warn=True)
     if not result.ok:
-        if re.search(r"could not be found|NOT_FOUND|404", result.stderr):
+        if re.search(r"Cannot find service|could not be found|NOT_FOUND|404", result.stderr):
             return None
         raise Exit(f"`{shlex.join(command)}` failed:\n{result.stderr}")
     return json.loads(result.stdout)

@@ -13,6 +13,8 @@ DEFAULTS = {
         "base_image": "python:3.12-slim",
         "platform": "linux/amd64",  # what Cloud Run runs
         "registry": "",  # empty: taken from the target (Artifact Registry or registry.fly.io)
+        "pip_index_url": "",  # empty: PyPI; a mirror's simple index for builds that cannot reach PyPI
+        "build_network": "",  # empty: Docker's default; "host" for engines without a bridge network
     },
     "gcp": {
         "project": "",
@@ -35,6 +37,7 @@ DEFAULTS = {
     "fly": {
         "app": "",  # region, VM size, checks and scaling live in fly.toml
         "config": "fly.toml",
+        "url": "",  # what the smoke test calls; empty: https://APP.fly.dev
         "build": "remote",  # remote (Fly's builder) or image (push the local build)
     },
     "local": {

@@ -58,7 +58,7 @@ def env_vars(c: Context) -> dict[str, str]:
 
 
 def app_url(c: Context) -> str:
-    return f"https://{c.fly.app}.fly.dev"
+    return c.fly.url or f"https://{c.fly.app}.fly.dev"
 
 
 def current_image(c: Context) -> str | None:

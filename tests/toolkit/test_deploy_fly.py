@@ -1,0 +1,102 @@
+"""`invoke deploy --target fly`, `invoke rollback --target fly` and `invoke fly.credentials` against a stand-in
+flyctl that follows Fly's documented CLI contract (the real flyctl cannot be installed here); the smoke test
+reaches real local services through fly.url."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from tests.support.models import DEMO_MODEL
+from tests.support.server import run_service
+from tests.toolkit.deploy_helpers import invoke
+
+APP = "onnx-serve-test"
+OLD_IMAGE = f"registry.fly.io/{APP}:deployment-old"
+CONFIG = dict(fly_app=APP, model_uri="gs://my-models/demo.onnx", smoke_timeout="20")
+
+
+@pytest.fixture(scope="module")
+def healthy(tmp_path_factory):
+    with run_service(str(DEMO_MODEL), tmp_path_factory.mktemp("healthy")) as service:
+        service.wait_state("ready")
+        yield service.url
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("broken")
+    (directory / "corrupt.onnx").write_bytes(b"not an onnx model")
+    with run_service(str(directory / "corrupt.onnx"), directory) as service:
+        service.wait_state("failed")
+        yield service.url
+
+
+def deploys(fake) -> list[list[str]]:
+    return [argv for argv in fake.argvs() if argv[:1] == ["deploy"]]
+
+
+def machine_images(fake) -> set[str]:
+    return {m["image_ref"]["tag"] for m in fake.app(APP)["machines"]} if "machines" in fake.app(APP) else set()
+
+
+def test_deploy_uses_the_remote_builder_then_smoke_tests_the_app(fake_flyctl, healthy):
+    fake_flyctl.add_app(APP, image=OLD_IMAGE)
+    result = invoke("deploy", "--target", "fly", "--tag", "v2", **CONFIG, fly_url=healthy)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "smoke test passed" in result.stdout
+    (deploy,) = deploys(fake_flyctl)
+    assert deploy == ["deploy", "--app", APP, "--config", "fly.toml", "--wait-timeout", "10m", "--remote-only",
+                      "--image-label", "v2", "--env", "MODEL_URI=gs://my-models/demo.onnx"]
+    commands = [argv[:2] for argv in fake_flyctl.argvs()]
+    assert commands.index(["auth", "whoami"]) < commands.index(["status", "--json"]) < commands.index(deploy[:2])
+
+
+def test_failed_smoke_test_redeploys_the_previous_image(fake_flyctl, broken):
+    fake_flyctl.add_app(APP, image=OLD_IMAGE)
+    result = invoke("deploy", "--target", "fly", "--tag", "v3", **CONFIG, fly_url=broken)
+    assert result.returncode == 1
+    assert "smoke test failed: the model failed to load" in result.stderr
+    first, back = deploys(fake_flyctl)
+    assert "--remote-only" in first
+    image = back[back.index("--image") + 1]
+    assert image.startswith(f"registry.fly.io/{APP}") and ("deployment-old" in image or "@sha256:" in image)
+    assert back[back.index("--strategy") + 1] == "immediate"
+    assert "rolled back to" in result.stderr
+
+
+def test_rollback_redeploys_the_previous_release_image(fake_flyctl, healthy):
+    fake_flyctl.add_app(APP, image=OLD_IMAGE)
+    assert invoke("deploy", "--target", "fly", "--tag", "v4", **CONFIG, fly_url=healthy).returncode == 0
+    result = invoke("rollback", "--target", "fly", **CONFIG)
+    assert result.returncode == 0, result.stdout + result.stderr
+    back = deploys(fake_flyctl)[-1]
+    assert back[back.index("--image") + 1] == OLD_IMAGE
+
+
+def test_credentials_are_piped_to_a_staged_secret_never_on_the_command_line(fake_flyctl, tmp_path):
+    fake_flyctl.add_app(APP)
+    key = tmp_path / "key.json"
+    key.write_text(json.dumps({"type": "service_account", "client_email": "sa@p.iam.gserviceaccount.com"}))
+    result = invoke("fly.credentials", "--key-file", str(key), **CONFIG)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (call,) = [c for c in fake_flyctl.calls() if c["argv"][:2] == ["secrets", "set"]]
+    assert call["argv"] == ["secrets", "set", "GCP_SA_JSON_B64=-", "--stage", "--app", APP]
+    assert base64.b64decode(call["stdin"]) == key.read_bytes()
+
+
+def test_logged_out_flyctl_stops_before_any_deploy(fake_flyctl, monkeypatch):
+    fake_flyctl.add_app(APP, image=OLD_IMAGE)
+    monkeypatch.setenv("FAKE_FLY_LOGGED_OUT", "1")
+    result = invoke("deploy", "--target", "fly", **CONFIG)
+    assert result.returncode == 1 and "flyctl auth login" in result.stderr
+    assert deploys(fake_flyctl) == []
+
+
+def test_dry_run_prints_the_commands_and_runs_none(fake_flyctl):
+    result = invoke("deploy", "--target", "fly", "--tag", "v9", "--dry-run", **CONFIG)
+    assert result.returncode == 0, result.stderr
+    assert f"deploy --app {APP} --config fly.toml --wait-timeout 10m --remote-only --image-label v9" in result.stdout
+    assert fake_flyctl.calls() == []
