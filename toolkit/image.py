@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from invoke import Context, Exit, task
+from invoke import Context, Exit, Result, task
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ("local", "cloudrun", "fly")
@@ -46,7 +46,7 @@ def repository(c: Context, target: str) -> str:
 
 
 def default_tag(c: Context) -> str:
-    """The git short sha of HEAD, with -dirty when the work tree has changes the image would include."""
+    """The git short sha of HEAD, with -dirty when the work tree has uncommitted changes."""
     head = c.run("git rev-parse --short HEAD", hide=True, warn=True, dry=False)
     if not head.ok:
         raise Exit("No git commit to tag the image with: commit first, or pass --tag (or set image.tag).")
@@ -68,7 +68,7 @@ def require_engine(c: Context) -> None:
     raise Exit(f"No Docker engine answers ({reason}): start one or point DOCKER_HOST at one, {REMOTE_BUILD_HINT}.")
 
 
-def _server_version(c: Context):
+def _server_version(c: Context) -> Result:
     return c.run("docker version --format '{{.Server.Version}}'", hide=True, warn=True, dry=False)
 
 
@@ -111,6 +111,7 @@ def build_and_push(c: Context, target: str, tag: str | None, dry_run: bool) -> s
 )
 def build(c, target="local", tag=None, base_image=None, dry_run=False):
     """Build the service's image with the local Docker engine."""
+    dry_run = dry_run or c.config.run.dry  # `invoke --dry image.build` too
     ref = image_ref(c, target, tag)
     if not dry_run:
         require_engine(c)
@@ -121,13 +122,15 @@ def build(c, target="local", tag=None, base_image=None, dry_run=False):
 @task(help={"target": TARGET_HELP, "tag": TAG_HELP, "dry_run": DRY_RUN_HELP})
 def push(c, target="local", tag=None, dry_run=False):
     """Push the built image to the target's registry."""
+    dry_run = dry_run or c.config.run.dry
     if target == "local" and not c.image.registry:
         raise Exit("Nothing to push to: pass --target cloudrun or fly, or set image.registry (INVOKE_IMAGE_REGISTRY).")
     ref = image_ref(c, target, tag)
     if not dry_run:
         require_engine(c)
         if not c.run(shlex.join(["docker", "image", "inspect", ref]), hide=True, warn=True).ok:
-            raise Exit(f"No image {ref} here: build it first with `invoke image.build --target {target} --tag ...`.")
+            tag = ref.rsplit(":", 1)[1]
+            raise Exit(f"No image {ref} here: build it first with `invoke image.build --target {target} --tag {tag}`.")
     if not c.run(shlex.join(push_command(ref)), warn=True, dry=dry_run).ok:
         raise Exit(f"docker push {ref} failed: log in to the registry with {login_hint(c, target)} and retry.")
     return ref

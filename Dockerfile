@@ -1,0 +1,39 @@
+# The inference service's image, for Cloud Run and Fly.io: `invoke image.build` builds it.
+# Both platforms run linux/amd64 images; build with --platform linux/amd64 on other machines.
+
+# A build arg so that tests, mirrors and pinned digests can swap the base without editing this file.
+ARG BASE_IMAGE=python:3.12-slim
+
+# Builder: only wheels (every requirement ships one for this Python), so no compiler is ever needed and
+# nothing but the installed packages reaches the runtime image.
+FROM ${BASE_IMAGE} AS builder
+# For networks that reach PyPI only through a mirror: --build-arg PIP_INDEX_URL=https://mirror/simple.
+# Unset unless given, so the base image's own pip configuration (PyPI by default) applies.
+ARG PIP_INDEX_URL
+COPY requirements.txt /tmp/requirements.txt
+RUN pip install --prefix=/install --no-cache-dir --no-warn-script-location --only-binary=:all: \
+        -r /tmp/requirements.txt
+
+FROM ${BASE_IMAGE}
+# Log lines reach Cloud Logging / `fly logs` as they are written; the root filesystem may be read-only,
+# so Python must not try to write bytecode at run time (pip already compiled the dependencies).
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+# A fixed, unprivileged uid: what Kubernetes-style runAsNonRoot checks and volume permissions can rely on.
+RUN groupadd --gid 10001 app \
+    && useradd --no-log-init --uid 10001 --gid app --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin app
+
+# Dependencies before code: a change to service/ reuses this layer instead of reinstalling.
+COPY --from=builder /install /usr/local
+
+WORKDIR /app
+COPY service/ ./service/
+
+# The app user owns nothing in the image; it writes only to /tmp (model cache) and /dev/shm (gunicorn's
+# heartbeat), both of which Cloud Run and Fly back with memory.
+USER 10001:10001
+# Cloud Run sends traffic to $PORT (8080 unless told otherwise); Fly to internal_port = 8080.
+EXPOSE 8080
+# Exec form: gunicorn is PID 1 and receives the platform's SIGTERM itself, then drains in-flight requests.
+CMD ["gunicorn", "--config", "service/gunicorn.conf.py", "service.app:app"]
