@@ -30,7 +30,7 @@ def _target(name: str):
 )
 def deploy(c, target="local", tag="", dry_run=False):
     """Build, push and deploy the service to TARGET, then prove it serves the model with the smoke test."""
-    _target(target).deploy(c, tag=tag, dry_run=dry_run)
+    _target(target).deploy(c, tag=tag, dry_run=dry_run or c.config.run.dry)  # --dry-run or invoke's global --dry
 
 
 @task(
@@ -45,4 +45,4 @@ def rollback(c, target, to="", dry_run=False):
     module = _target(target)
     if not hasattr(module, "rollback"):
         raise Exit(f"target {target!r} has nothing to roll back: redeploy it instead")
-    module.rollback(c, to=to, dry_run=dry_run)
+    module.rollback(c, to=to, dry_run=dry_run or c.config.run.dry)

@@ -134,6 +134,7 @@ def rollback(c: Context, to: str, dry_run: bool) -> None:
 )
 def credentials(c, key_file, dry_run=False):
     """Store a service-account key as the Fly secret the app turns into Application Default Credentials."""
+    dry_run = dry_run or c.config.run.dry
     check_ready(c, dry_run)
     try:
         key = json.loads(Path(key_file).read_text())

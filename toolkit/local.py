@@ -119,6 +119,7 @@ def _sample_json(result: smoke.SmokeResult) -> str:
 @task(help={"dry_run": "print the commands instead of running them"})
 def stop(c, quiet=False, dry_run=False):
     """Stop the service that `invoke deploy --target local` started."""
+    dry_run = dry_run or c.config.run.dry
     pid_file = STATE / "pid"
     if pid_file.is_file():
         pid = int(pid_file.read_text().strip() or 0)
