@@ -4,9 +4,10 @@ from invoke import Collection
 
 from toolkit import fly, image, local, smoke
 from toolkit.defaults import DEFAULTS
+from toolkit.bench import bench
 from toolkit.deploy import deploy, rollback
 
-ns = Collection(deploy, rollback, smoke.smoke)
+ns = Collection(deploy, rollback, smoke.smoke, bench)
 ns.add_collection(Collection.from_module(image), name="image")
 ns.add_collection(Collection(local.stop), name="local")
 ns.add_collection(Collection(fly.credentials), name="fly")

@@ -16,8 +16,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from service import logs
 from service.model_store import LoadState, ModelStore
@@ -31,7 +32,7 @@ WORKER_BOOT_ERROR = 3
 RETRY_AFTER_SECONDS = "5"
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings) -> InferenceApp:
     store = ModelStore(settings)
     executor = ThreadPoolExecutor(max_workers=settings.run_threads, thread_name_prefix="inference")
 
@@ -43,34 +44,71 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         executor.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="ONNX inference service", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.store = store
-    app.add_middleware(AccessLog)
+    api = FastAPI(title="ONNX inference service", lifespan=lifespan, docs_url=None, redoc_url=None)
+    api.state.store = store
 
-    @app.get("/health")
+    @api.get("/health")
     async def health() -> JSONResponse:
         body = store.health()
         return JSONResponse(body, status_code=200 if body["model_loaded"] else 503, headers={"Cache-Control": "no-store"})
 
-    @app.get("/metadata")
+    @api.get("/metadata")
     async def metadata() -> Response:
         return not_ready(store) or JSONResponse(store.metadata())
 
-    @app.post("/predict")
-    async def predict(request: Request) -> Response:
-        refusal = not_ready(store)
+    predict = Predict(store, executor, settings.max_body_bytes)
+    # Also routed in FastAPI, so that other methods get its 405 and "/predict/" its redirect.
+    api.router.add_route("/predict", predict, methods=["POST"])
+    return InferenceApp(api, predict)
+
+
+class InferenceApp:
+    """The ASGI app gunicorn serves: an access-log line for every request, then POST /predict straight to its
+    handler and everything else (/health, /metadata, errors, the lifespan) to FastAPI.
+
+    FastAPI's middleware and routing cost more per request than a small model's whole inference (README,
+    "Benchmarks"), and /predict, which validates its own input, needs none of them.
+    """
+
+    def __init__(self, api: FastAPI, predict: Predict):
+        self.api, self.predict = api, predict
+        self.state = api.state
+        self.logged = AccessLog(self._route)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        await self.logged(scope, receive, send)
+
+    async def _route(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/predict" and scope["method"] == "POST":
+            await self.predict(scope, receive, send)
+        else:
+            await self.api(scope, receive, send)
+
+
+class Predict:
+    """POST /predict: refuse while not ready, read the body, then decode, run and encode (`_predict`)."""
+
+    def __init__(self, store: ModelStore, executor: ThreadPoolExecutor, max_body_bytes: int):
+        self.store, self.executor, self.max_body_bytes = store, executor, max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        refusal = not_ready(self.store)
         if refusal:
-            return refusal
-        body = await read_body(request, settings.max_body_bytes)
-        handle = contextvars.copy_context().run  # keep the request's trace id on log lines from the pool
-        payload = await asyncio.get_running_loop().run_in_executor(executor, handle, _predict, store, body)
-        return Response(payload, media_type="application/json")
-
-    @app.exception_handler(BadRequest)
-    async def bad_request(request: Request, exc: BadRequest) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
-
-    return app
+            return await refusal(scope, receive, send)
+        try:
+            body = await read_body(scope, receive, self.max_body_bytes)
+            # Decoding, inference and encoding run in the pool, never on the event loop: /health and every
+            # other request keep being answered while a large request or a slow model works.
+            handle = contextvars.copy_context().run  # keep the request's trace id on log lines from the pool
+            payload = await asyncio.get_running_loop().run_in_executor(
+                self.executor, handle, _predict, self.store, body
+            )
+        except BadRequest as exc:
+            return await JSONResponse({"detail": str(exc)}, status_code=exc.status)(scope, receive, send)
+        # The messages starlette's Response(payload, media_type="application/json") sends, without building one.
+        headers = [(b"content-length", str(len(payload)).encode()), (b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
 
 
 def _predict(store: ModelStore, body: bytes) -> bytes:
@@ -93,16 +131,22 @@ def not_ready(store: ModelStore) -> JSONResponse | None:
     return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": RETRY_AFTER_SECONDS})
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+async def read_body(scope: dict, receive: Any, limit: int) -> bytes:
+    declared = next((value.decode() for name, value in scope["headers"] if name == b"content-length"), None)
     if declared and declared.isdigit() and int(declared) > limit:
         raise BadRequest(f"request body of {declared} bytes is over the {limit}-byte limit (MAX_BODY_BYTES)", 413)
     chunks, size = [], 0
-    async for chunk in request.stream():
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise BadRequest(f"request body is over the {limit}-byte limit (MAX_BODY_BYTES)", 413)
         chunks.append(chunk)
+        more = message.get("more_body", False)
     return b"".join(chunks)
 
 
@@ -171,7 +215,7 @@ class AccessLog:
             logs.current_trace.reset(token)
 
 
-def _app_from_environment() -> FastAPI:
+def _app_from_environment() -> InferenceApp:
     try:
         settings = load_settings()
     except SettingsError as exc:

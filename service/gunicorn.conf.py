@@ -39,6 +39,7 @@ worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 control_socket_disable = True
 # JSON lines on stdout for gunicorn, uvicorn and the service; the service writes the access log itself.
 logconfig_dict = logs.logging_config(_settings.log_level)
+logs.skip_unlogged_fields()
 accesslog = None
 loglevel = _settings.log_level
 

@@ -7,22 +7,31 @@ from __future__ import annotations
 import enum
 import fcntl
 import hashlib
+import io
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
+from service.onnx_file import with_weights_by_reference
 from service.settings import ModelSource, Settings
 
 if TYPE_CHECKING:
     import onnxruntime
 
 log = logging.getLogger("service.model")
+
+# A large model's weights are memory-mapped from the model file (service/onnx_file.py) instead of parsed and
+# copied: the worker holds them once, not twice, while the session opens, and where the file lives in memory
+# (Cloud Run's /tmp) the file and the session share the same pages. Prepacking would copy them again, so it is
+# off for such models; it speeds up some matrix products of smaller models, which keep it.
+LARGE_MODEL_BYTES = 64 * 1024 * 1024
+MAPPED_INITIALIZER_BYTES = 64 * 1024
 
 # onnxruntime's type strings -> numpy dtypes the service accepts and returns.
 ORT_DTYPES: dict[str, np.dtype] = {
@@ -82,6 +91,7 @@ class FetchedModel:
     path: Path
     generation: int | None
     size_bytes: int
+    sha256: str | None = None  # when hashed on the way in; else read from the file
 
 
 class ModelStore:
@@ -113,7 +123,7 @@ class ModelStore:
             fetched = self._fetch()
             status.generation, status.size_bytes = fetched.generation, fetched.size_bytes
             status.step = "verifying sha256"
-            status.sha256 = file_sha256(fetched.path)
+            status.sha256 = fetched.sha256 or file_sha256(fetched.path)
             expected = self.settings.model_sha256
             if expected and status.sha256 != expected:
                 raise ModelLoadError(
@@ -240,14 +250,16 @@ def download_from_gcs(source: ModelSource, cache_dir: Path, deadline: float, sta
                 return FetchedModel(target, generation, size)
             partial = target.with_suffix(f".part-{os.getpid()}")
             try:
-                # Pinning the generation read above means a concurrent overwrite cannot mix two objects.
-                blob.download_to_filename(
-                    str(partial), checksum="crc32c", retry=retry, timeout=(10, 120), if_generation_match=generation
-                )
+                with partial.open("wb") as file:
+                    hashing = _HashingWriter(file)
+                    # Pinning the generation read above means a concurrent overwrite cannot mix two objects.
+                    blob.download_to_file(
+                        hashing, checksum="crc32c", retry=retry, timeout=(10, 120), if_generation_match=generation
+                    )
                 partial.rename(target)
             finally:
                 partial.unlink(missing_ok=True)
-        return FetchedModel(target, generation, target.stat().st_size)
+        return FetchedModel(target, generation, target.stat().st_size, hashing.digest.hexdigest())
     except google.auth.exceptions.DefaultCredentialsError as exc:
         raise ModelLoadError(
             f"no Google credentials to read {where}: on Cloud Run give the service a runtime service account; "
@@ -270,6 +282,25 @@ def download_from_gcs(source: ModelSource, cache_dir: Path, deadline: float, sta
             raise
         # A DataCorruption (checksum) or a transport error that outlived the retries.
         raise ModelLoadError(f"download of {where} failed: {type(exc).__name__}: {exc}") from None
+
+
+class _HashingWriter:
+    """The download's file, hashing what is written to it: the sha256 comes with the download, not a second read."""
+
+    def __init__(self, file: BinaryIO):
+        self.file, self.digest = file, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        # The client rewinds only to write a transcoded object again from its start.
+        if (offset, whence) != (0, os.SEEK_SET):
+            raise io.UnsupportedOperation(f"seek({offset}, {whence}) while hashing a download")
+        self.digest = hashlib.sha256()
+        self.file.truncate(0)
+        return self.file.seek(0)
 
 
 class _locked:
@@ -295,8 +326,15 @@ def open_session(path: Path, settings: Settings) -> onnxruntime.InferenceSession
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.ort_allow_spinning else "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    model: str | bytes = str(path)
+    if path.stat().st_size >= LARGE_MODEL_BYTES:
+        by_reference = with_weights_by_reference(path, MAPPED_INITIALIZER_BYTES)
+        if by_reference:
+            model = by_reference
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+            options.add_session_config_entry("session.disable_prepacking", "1")
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise ModelLoadError(
             f"{settings.model_uri} is not a model onnxruntime can open ({type(exc).__name__}: {exc}); "

@@ -66,17 +66,18 @@ def check_shared_dimensions(specs: Sequence[TensorSpec], tensors: dict[str, np.n
 
 def to_tensor(value: Any, spec: TensorSpec) -> np.ndarray:
     target = spec.dtype
-    expected = f"{target} tensor of shape {spec.describe_shape()}"
     if target is None:
         raise BadRequest(f"input {spec.name!r} has type {spec.ort_type}, which the service cannot accept")
     try:
         array = np.asarray(value)
     except ValueError:
-        raise BadRequest(f"input {spec.name!r}: nested lists have uneven lengths; expected a {expected}") from None
+        raise BadRequest(
+            f"input {spec.name!r}: nested lists have uneven lengths; expected a {_expected(spec)}"
+        ) from None
     if array.dtype.kind not in _ACCEPTS[target.kind]:
         found = {"U": "strings", "S": "strings", "O": "null or mixed values", "f": "non-integer numbers", "b": "booleans"}
         what = found.get(array.dtype.kind, str(array.dtype))
-        raise BadRequest(f"input {spec.name!r} holds {what}; expected a {expected}")
+        raise BadRequest(f"input {spec.name!r} holds {what}; expected a {_expected(spec)}")
     if array.ndim != len(spec.shape):
         hint = "; wrap a single example in a list" if array.ndim + 1 == len(spec.shape) else ""
         raise BadRequest(
@@ -94,6 +95,10 @@ def to_tensor(value: Any, spec: TensorSpec) -> np.ndarray:
         if array.min() < info.min or array.max() > info.max:
             raise BadRequest(f"input {spec.name!r} has values outside the {target} range [{info.min}, {info.max}]")
     return array.astype(target, copy=False)
+
+
+def _expected(spec: TensorSpec) -> str:
+    return f"{spec.dtype} tensor of shape {spec.describe_shape()}"
 
 
 def encode_outputs(specs: Sequence[TensorSpec], values: Sequence[Any]) -> bytes:
