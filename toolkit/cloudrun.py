@@ -13,6 +13,7 @@ import shutil
 from invoke import Context, Exit
 
 from toolkit import image, smoke
+from toolkit.model import model_env, require_gcs_model
 
 PROBE_PERIOD_SECONDS = 10
 
@@ -21,11 +22,7 @@ def check_ready(c: Context, dry_run: bool) -> None:
     """Cheap checks first: config set, gcloud present and logged in, a model Cloud Run can reach."""
     if not c.gcp.project:
         raise Exit("gcp.project is not set: put `gcp: {project: MY-PROJECT}` in invoke.yaml or set INVOKE_GCP_PROJECT.")
-    if not str(c.model.uri).startswith("gs://"):
-        raise Exit(
-            f"model.uri is {c.model.uri!r}: Cloud Run downloads the model from Cloud Storage, so upload it "
-            "(`gcloud storage cp model.onnx gs://BUCKET/model.onnx`) and set model.uri to that gs:// URI."
-        )
+    require_gcs_model(c, "Cloud Run")
     if dry_run:
         return
     if not shutil.which("gcloud"):
@@ -39,9 +36,7 @@ def _where(c: Context) -> list[str]:
 
 
 def env_vars(c: Context) -> dict[str, str]:
-    env = {"MODEL_URI": c.model.uri, "WEB_CONCURRENCY": "1", "GOOGLE_CLOUD_PROJECT": c.gcp.project}
-    if c.model.sha256:
-        env["MODEL_SHA256"] = c.model.sha256
+    env = {**model_env(c), "WEB_CONCURRENCY": "1", "GOOGLE_CLOUD_PROJECT": c.gcp.project}
     cpus = float(c.cloudrun.cpu)
     if cpus >= 1:  # one onnxruntime thread per vCPU the instance really has
         env["ORT_INTRA_OP_THREADS"] = str(int(cpus))

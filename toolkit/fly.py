@@ -13,6 +13,7 @@ from pathlib import Path
 from invoke import Context, Exit, task
 
 from toolkit import image, smoke
+from toolkit.model import model_env, require_gcs_model
 
 
 def flyctl() -> str:
@@ -22,11 +23,7 @@ def flyctl() -> str:
 def check_ready(c: Context, dry_run: bool) -> None:
     if not c.fly.app:
         raise Exit("fly.app is not set: put `fly: {app: MY-APP}` in invoke.yaml or set INVOKE_FLY_APP.")
-    if not str(c.model.uri).startswith("gs://"):
-        raise Exit(
-            f"model.uri is {c.model.uri!r}: the app downloads the model from Cloud Storage at start, so upload it "
-            "and set model.uri to its gs:// URI (see README: Fly, model access)."
-        )
+    require_gcs_model(c, "the Fly app")
     if not Path(c.fly.config).is_file():
         raise Exit(f"{c.fly.config} not found: run from the project root, or set fly.config.")
     if dry_run:
@@ -45,16 +42,9 @@ def deploy_command(c: Context, image_ref: str | None, label: str) -> list[str]:
     """`flyctl deploy`: Fly's remote builder by default, or a given image (pushed from here, or a rollback)."""
     command = [flyctl() or "flyctl", "deploy", *_app(c), "--config", c.fly.config, "--wait-timeout", "10m"]
     command += ["--image", image_ref] if image_ref else ["--remote-only", "--image-label", label]
-    for name, value in env_vars(c).items():
+    for name, value in model_env(c).items():
         command += ["--env", f"{name}={value}"]
     return command
-
-
-def env_vars(c: Context) -> dict[str, str]:
-    env = {"MODEL_URI": c.model.uri}
-    if c.model.sha256:
-        env["MODEL_SHA256"] = c.model.sha256
-    return env
 
 
 def app_url(c: Context) -> str:

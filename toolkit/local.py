@@ -15,6 +15,7 @@ from pathlib import Path
 from invoke import Context, Exit, task
 
 from toolkit import image, smoke
+from toolkit.model import model_env
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE = ROOT / ".cache" / "local"
@@ -28,13 +29,6 @@ def runtime(c: Context) -> str:
     if chosen not in {"docker", "process"}:
         raise Exit(f"local.runtime is {chosen!r}: use auto, docker or process.")
     return chosen
-
-
-def model_env(c: Context) -> dict[str, str]:
-    env = {"MODEL_URI": c.model.uri}
-    if c.model.sha256:
-        env["MODEL_SHA256"] = c.model.sha256
-    return env
 
 
 def check_model(c: Context) -> None:

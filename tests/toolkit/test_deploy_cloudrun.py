@@ -9,7 +9,6 @@ import hashlib
 import pytest
 
 from tests.support.models import DEMO_MODEL
-from tests.support.server import run_service
 from tests.toolkit.deploy_helpers import invoke
 
 SERVICE = "onnx-serve"
@@ -19,25 +18,6 @@ CONFIG = dict(
     gcp_project="stub-project", model_uri=MODEL, cloudrun_build="cloudbuild", cloudrun_public="true",
     cloudrun_service_account="runtime@stub-project.iam.gserviceaccount.com", smoke_timeout="30",
 )
-
-
-@pytest.fixture(scope="module")
-def healthy(tmp_path_factory):
-    """A real service with the demo model: what a good revision serves."""
-    with run_service(str(DEMO_MODEL), tmp_path_factory.mktemp("healthy")) as service:
-        service.wait_state("ready")
-        yield service.url
-
-
-@pytest.fixture(scope="module")
-def broken(tmp_path_factory):
-    """A real service whose model fails to load: what a bad revision serves."""
-    directory = tmp_path_factory.mktemp("broken")
-    corrupt = directory / "corrupt.onnx"
-    corrupt.write_bytes(b"not an onnx model")
-    with run_service(str(corrupt), directory) as service:
-        service.wait_state("failed")
-        yield service.url
 
 
 def container(service: dict) -> dict:

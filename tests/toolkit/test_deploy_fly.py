@@ -7,10 +7,6 @@ from __future__ import annotations
 import base64
 import json
 
-import pytest
-
-from tests.support.models import DEMO_MODEL
-from tests.support.server import run_service
 from tests.toolkit.deploy_helpers import invoke
 
 APP = "onnx-serve-test"
@@ -18,28 +14,8 @@ OLD_IMAGE = f"registry.fly.io/{APP}:deployment-old"
 CONFIG = dict(fly_app=APP, model_uri="gs://my-models/demo.onnx", smoke_timeout="20")
 
 
-@pytest.fixture(scope="module")
-def healthy(tmp_path_factory):
-    with run_service(str(DEMO_MODEL), tmp_path_factory.mktemp("healthy")) as service:
-        service.wait_state("ready")
-        yield service.url
-
-
-@pytest.fixture(scope="module")
-def broken(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("broken")
-    (directory / "corrupt.onnx").write_bytes(b"not an onnx model")
-    with run_service(str(directory / "corrupt.onnx"), directory) as service:
-        service.wait_state("failed")
-        yield service.url
-
-
 def deploys(fake) -> list[list[str]]:
     return [argv for argv in fake.argvs() if argv[:1] == ["deploy"]]
-
-
-def machine_images(fake) -> set[str]:
-    return {m["image_ref"]["tag"] for m in fake.app(APP)["machines"]} if "machines" in fake.app(APP) else set()
 
 
 def test_deploy_uses_the_remote_builder_then_smoke_tests_the_app(fake_flyctl, healthy):

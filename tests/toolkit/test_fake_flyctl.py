@@ -4,7 +4,6 @@ import json
 import shutil
 import subprocess
 
-from tests.support.fake_flyctl import fake_flyctl  # noqa: F401
 
 IMAGE = "registry.fly.io/onnx-serve:v1"
 

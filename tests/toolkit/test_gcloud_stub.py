@@ -12,7 +12,7 @@ import tarfile
 
 import pytest
 
-from tests.support.gcloud_stub import ApiError, _check_build, _selector_matches, gcloud_stub  # noqa: F401
+from tests.support.gcloud_stub import ApiError, _check_build, _selector_matches
 
 REGION = ["--region", "us-central1"]
 IMAGE = "us-central1-docker.pkg.dev/stub-project/onnx-serve/onnx-serve"
