@@ -105,6 +105,8 @@ class Predict:
             )
         except BadRequest as exc:
             return await JSONResponse({"detail": str(exc)}, status_code=exc.status)(scope, receive, send)
+        except ClientDisconnect:
+            return  # the client went away mid-body: no one to answer, nothing to log but the access line
         # The messages starlette's Response(payload, media_type="application/json") sends, without building one.
         headers = [(b"content-length", str(len(payload)).encode()), (b"content-type", b"application/json")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
