@@ -140,6 +140,16 @@ def _json_or_none(response: httpx.Response) -> dict | None:
     return body if isinstance(body, dict) else None
 
 
+def after_deploy(c, url: str, token: str = "") -> SmokeResult:
+    """The smoke test as every deploy target runs it: timeout and expected sha256 from config, progress and
+    verdict printed. The caller decides what a failure means for its platform."""
+    print(f"smoke test: {url}")
+    result = check(url, timeout=float(c.smoke.timeout), token=token, expect_sha256=c.model.sha256)
+    if result.ok:
+        print(f"smoke test passed in {result.seconds}s: outputs {result.outputs}")
+    return result
+
+
 def report(result: SmokeResult, as_json: bool = False) -> None:
     """Print the verdict, and raise Exit (non-zero) when the smoke test failed."""
     if as_json:
