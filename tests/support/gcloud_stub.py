@@ -592,27 +592,12 @@ class CloudState:
         status["traffic"] = resolved
 
     def _configuration(self, service: dict) -> dict:
-        return {
-            "apiVersion": "serving.knative.dev/v1",
-            "kind": "Configuration",
-            "metadata": {**copy.deepcopy(service["metadata"]),
-                         "selfLink": service["metadata"]["selfLink"].replace("/services/", "/configurations/")},
-            "spec": {"template": copy.deepcopy(service["spec"]["template"])},
-            "status": {k: copy.deepcopy(v) for k, v in service["status"].items()
-                       if k in {"observedGeneration", "conditions", "latestCreatedRevisionName",
-                                "latestReadyRevisionName"}},
-        }
+        return _view_of(service, "Configuration", {"template": service["spec"]["template"]},
+                        {"observedGeneration", "conditions", "latestCreatedRevisionName", "latestReadyRevisionName"})
 
     def _route(self, service: dict) -> dict:
-        return {
-            "apiVersion": "serving.knative.dev/v1",
-            "kind": "Route",
-            "metadata": {**copy.deepcopy(service["metadata"]),
-                         "selfLink": service["metadata"]["selfLink"].replace("/services/", "/routes/")},
-            "spec": {"traffic": copy.deepcopy(service["spec"]["traffic"])},
-            "status": {k: copy.deepcopy(v) for k, v in service["status"].items()
-                       if k in {"observedGeneration", "conditions", "traffic", "url", "address"}},
-        }
+        return _view_of(service, "Route", {"traffic": service["spec"]["traffic"]},
+                        {"observedGeneration", "conditions", "traffic", "url", "address"})
 
     def _iam(self, request: RecordedRequest, region: str, name: str, verb: str) -> dict:
         key = (region, name)
@@ -862,6 +847,19 @@ class CloudState:
                                                meta.get("contentType") or content_type))
         return self._json(self._put_object(bucket, request.query.get("name"), request.raw_body,
                                            request.headers.get("content-type", "")))
+
+
+def _view_of(service: dict, kind: str, spec: dict, status_keys: set[str]) -> dict:
+    """The Configuration or Route that Knative derives from a Service: its metadata, part of its spec and status."""
+    metadata = copy.deepcopy(service["metadata"])
+    metadata["selfLink"] = metadata["selfLink"].replace("/services/", f"/{kind.lower()}s/")
+    return {
+        "apiVersion": "serving.knative.dev/v1",
+        "kind": kind,
+        "metadata": metadata,
+        "spec": copy.deepcopy(spec),
+        "status": {k: copy.deepcopy(v) for k, v in service["status"].items() if k in status_keys},
+    }
 
 
 def _not_ready(service: dict) -> dict:
