@@ -1,4 +1,4 @@
-"""The HTTP face of the service: /health, /metadata and /predict over one ModelStore.
+"""The HTTP face of the service: /health, /metadata, /predict and the Open Inference Protocol over one ModelStore.
 
 `gunicorn -c service/gunicorn.conf.py service.app:app` serves `app`; tests build their own with
 `create_app(settings)`.
@@ -16,13 +16,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
+import numpy as np
+import orjson
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from service import logs
+from service import logs, open_inference
 from service.model_store import LoadState, ModelStore
 from service.payload import BadRequest, decode_inputs, encode_outputs
+from service.scheduler import BatchPolicy, ModelRejected, Scheduler, batch_safety
 from service.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("service.app")
@@ -35,6 +38,16 @@ RETRY_AFTER_SECONDS = "5"
 def create_app(settings: Settings) -> InferenceApp:
     store = ModelStore(settings)
     executor = ThreadPoolExecutor(max_workers=settings.run_threads, thread_name_prefix="inference")
+    scheduler = Scheduler(store.run, executor, BatchPolicy(False, "the model is not loaded yet"))
+
+    def decide_batching() -> None:
+        scheduler.policy = batch_safety(
+            store.run, store.inputs, store.outputs, settings.batching, settings.max_batch_rows,
+            settings.max_batch_delay_ms / 1000, example=getattr(store, "warmup_feeds", None),
+        )  # fmt: skip
+        log.info("batching %s", scheduler.policy.reason)
+
+    store.after_load.append(("batching self-test", decide_batching))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -46,91 +59,148 @@ def create_app(settings: Settings) -> InferenceApp:
 
     api = FastAPI(title="ONNX inference service", lifespan=lifespan, docs_url=None, redoc_url=None)
     api.state.store = store
+    api.state.scheduler = scheduler
 
     @api.get("/health")
     async def health() -> JSONResponse:
         body = store.health()
+        body["batching"] = scheduler.policy.as_json()
         return JSONResponse(body, status_code=200 if body["model_loaded"] else 503, headers={"Cache-Control": "no-store"})
 
     @api.get("/metadata")
     async def metadata() -> Response:
-        return not_ready(store) or JSONResponse(store.metadata())
+        refusal = not_ready(store)
+        if refusal:
+            return refusal
+        return JSONResponse({**store.metadata(), "batching": scheduler.policy.as_json()})
 
-    predict = Predict(store, executor, settings.max_body_bytes)
+    open_inference.add_routes(api, store, settings)
+    native = Endpoint(store, scheduler, executor, settings.max_body_bytes, NativeProtocol(store))
+    v2 = Endpoint(store, scheduler, executor, settings.max_body_bytes, open_inference.InferProtocol(store, settings))
     # Also routed in FastAPI, so that other methods get its 405 and "/predict/" its redirect.
-    api.router.add_route("/predict", predict, methods=["POST"])
-    return InferenceApp(api, predict)
+    api.router.add_route("/predict", native, methods=["POST"])
+    return InferenceApp(api, native, v2, settings.access_log)
 
 
 class InferenceApp:
-    """The ASGI app gunicorn serves: an access-log line for every request, then POST /predict straight to its
-    handler and everything else (/health, /metadata, errors, the lifespan) to FastAPI.
+    """The ASGI app gunicorn serves: an access-log line for every request, then the inference routes (POST
+    /predict and the V2 infer routes) straight to their handler and everything else (/health, /metadata, the V2
+    metadata routes, errors, the lifespan) to FastAPI.
 
     FastAPI's middleware and routing cost more per request than a small model's whole inference (README,
-    "Benchmarks"), and /predict, which validates its own input, needs none of them.
+    "Benchmarks"), and the inference routes, which validate their own input, need none of them.
     """
 
-    def __init__(self, api: FastAPI, predict: Predict):
-        self.api, self.predict = api, predict
+    def __init__(self, api: FastAPI, predict: Endpoint, infer: Endpoint, access_log: bool = True):
+        self.api, self.predict, self.infer = api, predict, infer
         self.state = api.state
-        self.logged = AccessLog(self._route)
+        self.logged = AccessLog(self._route, access_log)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         await self.logged(scope, receive, send)
 
     async def _route(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] == "/predict" and scope["method"] == "POST":
-            await self.predict(scope, receive, send)
-        else:
-            await self.api(scope, receive, send)
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            if path == "/predict":
+                return await self.predict(scope, receive, send)
+            if path.startswith("/v2/models/") and path.endswith("/infer"):
+                return await self.infer(scope, receive, send)
+        await self.api(scope, receive, send)
 
 
-class Predict:
-    """POST /predict: refuse while not ready, read the body, then decode, run and encode (`_predict`)."""
+class NativeProtocol:
+    """POST /predict: {"inputs": {name: nested lists}} in, {"outputs": {name: nested lists}} out (payload.py)."""
 
-    def __init__(self, store: ModelStore, executor: ThreadPoolExecutor, max_body_bytes: int):
-        self.store, self.executor, self.max_body_bytes = store, executor, max_body_bytes
+    def __init__(self, store: ModelStore):
+        self.store = store
+
+    def route_error(self, scope: dict) -> tuple[int, str] | None:
+        return None
+
+    def decode(self, body: bytes, headers: dict[bytes, bytes]) -> tuple[dict, Any]:
+        return decode_inputs(body, self.store.inputs), None
+
+    def encode(self, request: Any, values: list) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        return encode_outputs(self.store.outputs, values), [JSON_CONTENT]
+
+    def error(self, message: str, status: int) -> tuple[int, bytes]:
+        return status, orjson.dumps({"detail": message})
+
+
+JSON_CONTENT = (b"content-type", b"application/json")
+# Bodies up to this are decoded on the event loop, larger ones in the pool: a thread hop costs more than
+# parsing a few rows, and a large body must never hold up /health and the other requests.
+INLINE_BODY_BYTES = 16 * 1024
+INLINE_OUTPUT_BYTES = 64 * 1024
+
+
+class Endpoint:
+    """One inference route: refuse while not ready, read the body, decode it (the protocol's codec), run it
+    through the batching scheduler, encode the answer. Bad input is the protocol's 4xx, never a 500."""
+
+    def __init__(self, store: ModelStore, scheduler: Scheduler, executor: ThreadPoolExecutor, max_body_bytes: int, protocol: Any):
+        self.store, self.scheduler, self.executor = store, scheduler, executor
+        self.max_body_bytes, self.protocol = max_body_bytes, protocol
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        refusal = not_ready(self.store)
-        if refusal:
-            return await refusal(scope, receive, send)
+        protocol = self.protocol
+        refused = protocol.route_error(scope) or not_ready_reason(self.store)
+        if refused:
+            status, message = refused
+            extra = [(b"retry-after", RETRY_AFTER_SECONDS.encode())] if status == 503 else []
+            return await _send(send, *protocol.error(message, status), [JSON_CONTENT, *extra])
         try:
             body = await read_body(scope, receive, self.max_body_bytes)
-            # Decoding, inference and encoding run in the pool, never on the event loop: /health and every
-            # other request keep being answered while a large request or a slow model works.
-            handle = contextvars.copy_context().run  # keep the request's trace id on log lines from the pool
-            payload = await asyncio.get_running_loop().run_in_executor(
-                self.executor, handle, _predict, self.store, body
-            )
+            headers = dict(scope["headers"])
+            loop = asyncio.get_running_loop()
+            if len(body) > INLINE_BODY_BYTES:
+                # The request's trace id rides along to log lines written in the pool.
+                handle = contextvars.copy_context().run
+                feeds, request = await loop.run_in_executor(self.executor, handle, protocol.decode, body, headers)
+            else:
+                feeds, request = protocol.decode(body, headers)
+            try:
+                values = await self.scheduler.submit(feeds)
+            except ModelRejected as exc:  # onnxruntime's own checks: dimensions that must agree, value ranges, ...
+                raise BadRequest(f"the model rejected the input: {exc}") from None
+            if _output_bytes(values) > INLINE_OUTPUT_BYTES:
+                handle = contextvars.copy_context().run
+                payload, headers_out = await loop.run_in_executor(self.executor, handle, protocol.encode, request, values)
+            else:
+                payload, headers_out = protocol.encode(request, values)
         except BadRequest as exc:
-            return await JSONResponse({"detail": str(exc)}, status_code=exc.status)(scope, receive, send)
+            return await _send(send, *protocol.error(str(exc), exc.status), [JSON_CONTENT])
         except ClientDisconnect:
             return  # the client went away mid-body: no one to answer, nothing to log but the access line
-        # The messages starlette's Response(payload, media_type="application/json") sends, without building one.
-        headers = [(b"content-length", str(len(payload)).encode()), (b"content-type", b"application/json")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+        await _send(send, 200, payload, headers_out)
 
 
-def _predict(store: ModelStore, body: bytes) -> bytes:
-    feeds = decode_inputs(body, store.inputs)
-    try:
-        values = store.run(feeds)
-    except Exception as exc:  # onnxruntime's own checks: symbolic dimensions that must agree, value ranges, ...
-        raise BadRequest(f"the model rejected the input: {exc}") from None
-    return encode_outputs(store.outputs, values)
+def _output_bytes(values: list) -> int:
+    return sum(value.nbytes if isinstance(value, np.ndarray) else INLINE_OUTPUT_BYTES for value in values)
 
 
-def not_ready(store: ModelStore) -> JSONResponse | None:
+async def _send(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    # The messages starlette's Response sends, without building one.
+    headers = [(b"content-length", str(len(body)).encode()), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def not_ready_reason(store: ModelStore) -> tuple[int, str] | None:
     status = store.status
     if status.state is LoadState.READY:
         return None
     if status.state is LoadState.FAILED:
-        detail = f"the model failed to load and will not be served: {status.error}"
-    else:
-        detail = f"the model is still loading ({status.step}); retry shortly"
-    return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": RETRY_AFTER_SECONDS})
+        return 503, f"the model failed to load and will not be served: {status.error}"
+    return 503, f"the model is still loading ({status.step}); retry shortly"
+
+
+def not_ready(store: ModelStore) -> JSONResponse | None:
+    reason = not_ready_reason(store)
+    if reason is None:
+        return None
+    return JSONResponse({"detail": reason[1]}, status_code=reason[0], headers={"Retry-After": RETRY_AFTER_SECONDS})
 
 
 async def read_body(scope: dict, receive: Any, limit: int) -> bytes:
@@ -171,50 +241,54 @@ def _exit_if_load_fails(store: ModelStore, settings: Settings) -> None:
 class AccessLog:
     """One JSON access-log line per request, in Cloud Logging's httpRequest form, carrying the request's trace."""
 
-    def __init__(self, app: Any):
-        self.app = app
-        self.log = logging.getLogger("service.access")
+    def __init__(self, app: Any, enabled: bool = True):
+        self.app, self.enabled = app, enabled
+        self.lines = logs.AccessLines()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or ())
-        token = logs.current_trace.set(logs.parse_trace_header(headers.get(b"x-cloud-trace-context", b"").decode()))
+        headers = dict(scope["headers"])
+        trace = logs.trace_from_headers(headers.get(b"traceparent"), headers.get(b"x-cloud-trace-context"))
+        token = logs.current_trace.set(trace) if trace else None
+        if not self.enabled:
+            try:
+                return await self.app(scope, receive, send)
+            finally:
+                if token:
+                    logs.current_trace.reset(token)
         started = time.perf_counter()
-        response: dict[str, int] = {"status": 500, "size": 0}
+        response = [500, 0]  # status, body bytes
 
         async def record(message: dict) -> None:
             if message["type"] == "http.response.start":
-                response["status"] = message["status"]
+                response[0] = message["status"]
             elif message["type"] == "http.response.body":
-                response["size"] += len(message.get("body", b""))
+                response[1] += len(message.get("body", b""))
             await send(message)
 
         try:
             await self.app(scope, receive, record)
         finally:
-            path = scope.get("path", "")
-            status = response["status"]
-            self.log.log(
-                logging.WARNING if status >= 500 and path != "/health" else logging.INFO,  # 503: still loading
-                "%s %s %d",
-                scope.get("method"),
-                path,
-                status,
-                extra={
-                    "httpRequest": {
-                        "requestMethod": scope.get("method"),
-                        "requestUrl": path + ("?" + scope["query_string"].decode() if scope.get("query_string") else ""),
-                        "status": status,
-                        "responseSize": str(response["size"]),
-                        "latency": f"{time.perf_counter() - started:.6f}s",
-                        "userAgent": headers.get(b"user-agent", b"").decode(errors="replace"),
-                        "remoteIp": (scope.get("client") or ("", 0))[0],
-                        "protocol": f"HTTP/{scope.get('http_version', '1.1')}",
-                    }
-                },
-            )
-            logs.current_trace.reset(token)
+            status, size = response
+            path = scope["path"]
+            level = logging.WARNING if status >= 500 and path != "/health" else logging.INFO  # 503: still loading
+            if self.lines.enabled(level):
+                method = scope["method"]
+                query = scope.get("query_string")
+                client = scope.get("client")
+                self.lines.write(level, f"{method} {path} {status}", {"httpRequest": {
+                    "requestMethod": method,
+                    "requestUrl": path + "?" + query.decode("latin-1") if query else path,
+                    "status": status,
+                    "responseSize": str(size),
+                    "latency": f"{time.perf_counter() - started:.6f}s",
+                    "userAgent": headers.get(b"user-agent", b"").decode("utf-8", "replace"),
+                    "remoteIp": client[0] if client else "",
+                    "protocol": "HTTP/" + scope.get("http_version", "1.1"),
+                }})  # fmt: skip
+            if token:
+                logs.current_trace.reset(token)
 
 
 def _app_from_environment() -> InferenceApp:

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 import numpy as np
 
@@ -105,6 +105,9 @@ class ModelStore:
         self.inputs: tuple[TensorSpec, ...] = ()
         self.outputs: tuple[TensorSpec, ...] = ()
         self.loaded = threading.Event()  # set when the load ends, either way
+        # Steps others add to the load, run after the warm-up and before the model is reported ready (the
+        # batching self-test): (step name shown on /health, callable). They must not raise.
+        self.after_load: list[tuple[str, Callable[[], None]]] = []
 
     @property
     def ready(self) -> bool:
@@ -137,6 +140,9 @@ class ModelStore:
             status.step = "warming up"
             warm_up(session, self.inputs)
             self.session = session
+            for step, hook in self.after_load:
+                status.step = step
+                hook()
         except Exception as exc:  # every failure becomes a reason on /health, never a crash of the worker
             reason = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
             status.error = reason

@@ -65,6 +65,12 @@ def check_shared_dimensions(specs: Sequence[TensorSpec], tensors: dict[str, np.n
 
 
 def to_tensor(value: Any, spec: TensorSpec) -> np.ndarray:
+    """A JSON value (nested lists) as the input's tensor: values checked, then rank and fixed dimensions."""
+    return check_shape(json_to_array(value, spec), spec)
+
+
+def json_to_array(value: Any, spec: TensorSpec) -> np.ndarray:
+    """JSON values as an array of the input's dtype; BadRequest for values the dtype cannot hold."""
     target = spec.dtype
     if target is None:
         raise BadRequest(f"input {spec.name!r} has type {spec.ort_type}, which the service cannot accept")
@@ -78,6 +84,15 @@ def to_tensor(value: Any, spec: TensorSpec) -> np.ndarray:
         found = {"U": "strings", "S": "strings", "O": "null or mixed values", "f": "non-integer numbers", "b": "booleans"}
         what = found.get(array.dtype.kind, str(array.dtype))
         raise BadRequest(f"input {spec.name!r} holds {what}; expected a {_expected(spec)}")
+    if target.kind in "iu" and array.size:
+        info = np.iinfo(target)
+        if array.min() < info.min or array.max() > info.max:
+            raise BadRequest(f"input {spec.name!r} has values outside the {target} range [{info.min}, {info.max}]")
+    return array.astype(target, copy=False)
+
+
+def check_shape(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """The array, if its rank and fixed dimensions are the input's; BadRequest naming the input otherwise."""
     if array.ndim != len(spec.shape):
         hint = "; wrap a single example in a list" if array.ndim + 1 == len(spec.shape) else ""
         raise BadRequest(
@@ -90,11 +105,7 @@ def to_tensor(value: Any, spec: TensorSpec) -> np.ndarray:
                 f"input {spec.name!r} has shape {list(array.shape)}; expected {spec.describe_shape()} "
                 f"(dimension {axis} must be {want})"
             )
-    if target.kind in "iu" and array.size:
-        info = np.iinfo(target)
-        if array.min() < info.min or array.max() > info.max:
-            raise BadRequest(f"input {spec.name!r} has values outside the {target} range [{info.min}, {info.max}]")
-    return array.astype(target, copy=False)
+    return array
 
 
 def _expected(spec: TensorSpec) -> str:

@@ -79,7 +79,18 @@ class Settings(BaseSettings):
     keepalive: int = Field(75, ge=0, description="idle keep-alive seconds (longer than the platform proxy's)")
     google_cloud_project: str = Field("", description="project id for trace ids in logs")
 
-    @field_validator("log_level", mode="before")
+    # --- serving: protocol names, adaptive batching (service/scheduler.py) ---
+    model_name: str = Field("", description="the model's name in the V2 protocol; default: MODEL_URI's file stem")
+    batching: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: batch when the model's self-test passes; on: even if it fails; off: never"
+    )
+    max_batch_rows: int = Field(64, ge=1, le=65536, description="most rows one batched session.run takes")
+    max_batch_delay_ms: float = Field(
+        0.0, ge=0, le=1000, description="wait up to this for a fuller batch (0: never wait; batches form under load)"
+    )
+    access_log: bool = Field(True, description="one JSON line per request (Cloud Run also keeps its own request log)")
+
+    @field_validator("log_level", "batching", mode="before")
     @classmethod
     def _lower_level(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
@@ -89,6 +100,14 @@ class Settings(BaseSettings):
     def _valid_uri(cls, value: str) -> str:
         parse_model_uri(value)
         return value.strip()
+
+    @field_validator("model_name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        value = value.strip()
+        if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+            raise ValueError("MODEL_NAME must be letters, digits, '_', '.' or '-' (it is part of the V2 URL paths)")
+        return value
 
     @field_validator("model_sha256")
     @classmethod
@@ -101,6 +120,15 @@ class Settings(BaseSettings):
     @property
     def source(self) -> ModelSource:
         return parse_model_uri(self.model_uri)
+
+    @property
+    def served_name(self) -> str:
+        """The model's name in the V2 protocol: MODEL_NAME, else the file stem of MODEL_URI's object."""
+        if self.model_name:
+            return self.model_name
+        source = self.source
+        leaf = (source.name or "").rsplit("/", 1)[-1] if source.is_gcs else (source.path.name if source.path else "")
+        return leaf.removesuffix(".onnx") or "model"
 
     @property
     def intra_op_threads(self) -> int:

@@ -1,0 +1,348 @@
+"""Adaptive batching in one worker: requests that arrive while the model is busy run together as one call.
+
+No timer by default. A request that finds the runner idle runs at once (on the next turn of the event loop, so
+that requests parsed in the same turn join it); requests that arrive while a `session.run` is in flight queue,
+and when it ends the runner takes everything queued (up to `MAX_BATCH_ROWS` rows, same shape but for the first
+dimension) as one call, then splits the outputs back by row count. Under light load this adds no latency;
+under heavy load the batches grow by themselves. `MAX_BATCH_DELAY_MS` opts into waiting for a fuller batch.
+
+The scheduler sees tensors only, never JSON or HTTP (the protocol codecs), and runs the model through one
+callable (the model store). Batching is used only for models where it is safe (`batch_safety`): every input and
+output has a free first dimension and a self-test at load gives the same outputs for rows run alone and stacked.
+
+Runs that are cheap (a small model, a few rows: estimated from timings taken at load) run on the event loop
+itself: the hop to a thread costs more than they do. Everything else runs in the worker's thread pool, so the
+loop keeps answering /health and reading other requests meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from collections import deque
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+log = logging.getLogger("service.scheduler")
+
+Feeds = dict[str, np.ndarray]
+Runner = Callable[[Feeds], list[Any]]
+
+# A run estimated under this runs on the event loop (no thread hop); /health waits at most about this long.
+INLINE_RUN_SECONDS = 0.0005
+
+
+class ModelRejected(Exception):
+    """The model raised on this request's own input (onnxruntime's checks); a 4xx for that request only."""
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    enabled: bool
+    reason: str  # why batching is on or off, for /health and /metadata
+    max_rows: int = 64
+    delay: float = 0.0  # seconds to wait for more rows once the first request of a batch is in
+    # Estimated seconds of one run: fixed + per_element * input elements (from timings at load); None: not
+    # measured. Elements, not rows: a model with free image sizes costs more per row for larger images.
+    fixed_seconds: float | None = None
+    per_element_seconds: float | None = None
+
+    def estimate(self, elements: int) -> float | None:
+        if self.fixed_seconds is None or self.per_element_seconds is None:
+            return None
+        return self.fixed_seconds + self.per_element_seconds * elements
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "reason": self.reason,
+            "max_batch_rows": self.max_rows,
+            "max_batch_delay_ms": round(self.delay * 1000, 3),
+        }
+
+
+@dataclass
+class _Pending:
+    feeds: Feeds
+    rows: int
+    key: tuple
+    future: asyncio.Future
+    context: contextvars.Context
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+class Scheduler:
+    """Runs each request's feeds through `runner`, batching concurrent requests when the policy allows.
+
+    Lives on one event loop (the worker's); `submit` is its only entry point.
+    """
+
+    def __init__(self, runner: Runner, executor: Executor, policy: BatchPolicy, observer: Any = None):
+        self.runner, self.executor, self.policy = runner, executor, policy
+        self.observer = observer  # metrics: .batch(rows, requests, seconds), .queue_depth(n); optional
+        self.queue: deque[_Pending] = deque()
+        self.busy = False  # a batch is running (or scheduled to run) now
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self.queue)
+
+    async def submit(self, feeds: Feeds) -> list[Any]:
+        """The model's outputs for `feeds`, run alone or as part of a batch; raises ModelRejected."""
+        loop = asyncio.get_running_loop()
+        rows = _rows(feeds) if self.policy.enabled else None
+        if rows is None:  # not batchable: run it alone, several at once in the pool as before
+            return await self._run_alone(loop, feeds)
+        pending = _Pending(feeds, rows, _key(feeds), loop.create_future(), contextvars.copy_context())
+        self.queue.append(pending)
+        self._observe_depth()
+        if not self.busy:
+            self._arm(loop)
+        return await pending.future
+
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the next batch: on the next loop turn, or after the opt-in delay unless the batch is full."""
+        self.busy = True
+        delay = self.policy.delay
+        if delay > 0 and sum(p.rows for p in self.queue) < self.policy.max_rows:
+            oldest = self.queue[0].queued_at
+            wait = max(0.0, oldest + delay - time.perf_counter())
+            self._timer = loop.call_later(wait, self._dispatch, loop)
+        else:
+            loop.call_soon(self._dispatch, loop)
+
+    def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        batch = self._take()
+        if not batch:
+            self.busy = False
+            return
+        started = time.perf_counter()
+        estimate = self.policy.estimate(sum(value.size for p in batch for value in p.feeds.values()))
+        if estimate is not None and estimate < INLINE_RUN_SECONDS:
+            self._finish(loop, batch, self._run_batch(batch), started)
+            return
+        future = loop.run_in_executor(self.executor, self._run_batch, batch)
+        future.add_done_callback(lambda f: self._finish(loop, batch, _results(f, len(batch)), started))
+
+    def _take(self) -> list[_Pending]:
+        """The oldest queued request and every later one of the same shape, up to max_rows rows in all."""
+        if not self.queue:
+            return []
+        first = self.queue.popleft()
+        batch, rows = [first], first.rows
+        if rows < self.policy.max_rows:
+            kept: deque[_Pending] = deque()
+            while self.queue:
+                pending = self.queue.popleft()
+                if pending.key == first.key and rows + pending.rows <= self.policy.max_rows:
+                    batch.append(pending)
+                    rows += pending.rows
+                else:
+                    kept.append(pending)
+            self.queue = kept
+        self._observe_depth()
+        return batch
+
+    def _run_batch(self, batch: list[_Pending]) -> list[tuple[bool, Any]]:
+        """(ok, outputs or error) for each request of the batch; one request's bad input never fails another."""
+        if len(batch) == 1:
+            return [self._run_one(batch[0])]
+        feeds = {name: np.concatenate([p.feeds[name] for p in batch]) for name in batch[0].feeds}
+        try:
+            outputs = self.runner(feeds)
+        except Exception:  # someone's input made the model fail: find whose, by running each alone
+            return [self._run_one(p) for p in batch]
+        results, start = [], 0
+        for pending in batch:
+            end = start + pending.rows
+            results.append((True, [value[start:end] for value in outputs]))
+            start = end
+        return results
+
+    def _run_one(self, pending: _Pending) -> tuple[bool, Any]:
+        try:
+            return True, pending.context.run(self.runner, pending.feeds)
+        except Exception as exc:
+            return False, exc
+
+    def _finish(self, loop, batch: list[_Pending], results: list[tuple[bool, Any]], started: float) -> None:
+        if self.observer is not None:
+            self.observer.batch(sum(p.rows for p in batch), len(batch), time.perf_counter() - started)
+        for pending, (ok, value) in zip(batch, results):
+            if pending.future.done():  # the client went away and its handler was cancelled
+                continue
+            if ok:
+                pending.future.set_result(value)
+            else:
+                pending.future.set_exception(ModelRejected(str(value)))
+        if self.queue:
+            self._arm(loop)
+        else:
+            self.busy = False
+
+    async def _run_alone(self, loop: asyncio.AbstractEventLoop, feeds: Feeds) -> list[Any]:
+        started = time.perf_counter()
+        context = contextvars.copy_context()
+        try:
+            outputs = await loop.run_in_executor(self.executor, context.run, self.runner, feeds)
+        except Exception as exc:
+            raise ModelRejected(str(exc)) from None
+        if self.observer is not None:
+            self.observer.batch(_rows(feeds) or 1, 1, time.perf_counter() - started)
+        return outputs
+
+    def _observe_depth(self) -> None:
+        if self.observer is not None:
+            self.observer.queue_depth(len(self.queue))
+
+
+def _results(future: asyncio.Future, count: int) -> list[tuple[bool, Any]]:
+    if future.cancelled():  # the pool shut down under it (worker exit)
+        return [(False, RuntimeError("the worker is shutting down"))] * count
+    return future.result()
+
+
+def _rows(feeds: Feeds) -> int | None:
+    """The request's row count: the first dimension that all its inputs share; None if they don't (or rank 0)."""
+    rows = None
+    for value in feeds.values():
+        if value.ndim == 0 or (rows is not None and value.shape[0] != rows):
+            return None
+        rows = value.shape[0]
+    return rows if rows else None
+
+
+def _key(feeds: Feeds) -> tuple:
+    """Requests batch together only when every input agrees on dtype and on every dimension but the first."""
+    return tuple((name, value.dtype.str, value.shape[1:]) for name, value in feeds.items())
+
+
+# --- whether batching is safe for a model ------------------------------------------------------------------------
+
+
+def batch_safety(
+    runner: Runner,
+    inputs: Sequence[Any],
+    outputs: Sequence[Any],
+    setting: str,
+    max_rows: int,
+    delay: float,
+    example: Feeds | None = None,
+) -> BatchPolicy:
+    """The batching policy for a model: BATCHING=off, or on/auto after the structural check and a self-test.
+
+    `inputs`/`outputs` are the model store's TensorSpecs; `example` a known-good feed (the warm-up input) whose
+    per-row shapes the self-test uses instead of guessing free dimensions. The self-test runs a few random rows
+    alone and stacked and compares the outputs; it also times runs to decide what may run inline.
+    """
+
+    def policy(enabled: bool, reason: str, timing: tuple[float, float] | None = None) -> BatchPolicy:
+        fixed, per_element = timing or (None, None)
+        return BatchPolicy(enabled, reason, max_rows, delay, fixed, per_element)
+
+    if setting == "off":
+        return policy(False, "off (BATCHING=off)")
+    problem = _structural_problem(inputs, outputs)
+    if problem:
+        return policy(False, f"off: {problem}")
+    try:
+        rows = [_row(inputs, example, seed) for seed in range(3)]
+        alone = [runner(row) for row in rows]
+        stacked = runner({name: np.concatenate([row[name] for row in rows]) for name in rows[0]})
+    except Exception as exc:
+        return policy(False, f"off: the batching self-test could not run the model ({type(exc).__name__}: {exc})")
+    mismatch = _mismatch(alone, stacked, outputs)
+    if mismatch:
+        if setting == "on":
+            log.warning("BATCHING=on although the self-test failed: %s", mismatch)
+            return policy(True, f"on (BATCHING=on; the self-test failed: {mismatch})", _timing(runner, inputs, example))
+        return policy(False, f"off: {mismatch}")
+    return policy(True, "on: every input and output has a free first dimension and rows run alone or stacked agree",
+                  _timing(runner, inputs, example))  # fmt: skip
+
+
+def _structural_problem(inputs: Sequence[Any], outputs: Sequence[Any]) -> str | None:
+    for kind, specs in (("input", inputs), ("output", outputs)):
+        for spec in specs:
+            if spec.dtype is None and not _is_string(spec):
+                return f"{kind} {spec.name!r} is a {spec.ort_type}, not a tensor"
+            if not spec.shape:
+                return f"{kind} {spec.name!r} is a scalar (rank 0), so it has no batch dimension"
+            if isinstance(spec.shape[0], int):
+                return f"{kind} {spec.name!r} has a fixed first dimension ({spec.shape[0]})"
+    return None
+
+
+def _is_string(spec: Any) -> bool:
+    return spec.ort_type == "tensor(string)"
+
+
+def _row(inputs: Sequence[Any], example: Feeds | None, seed: int) -> Feeds:
+    """One random row for every input, shaped like the example's rows (or fixed dims, free ones as 1)."""
+    rng = np.random.default_rng(seed)
+    row = {}
+    for spec in inputs:
+        if example is not None and spec.name in example and example[spec.name].ndim:
+            shape = (1, *example[spec.name].shape[1:])
+        else:
+            shape = (1, *(d if isinstance(d, int) else 1 for d in spec.shape[1:]))
+        row[spec.name] = _random(rng, spec, shape)
+    return row
+
+
+def _random(rng: np.random.Generator, spec: Any, shape: tuple[int, ...]) -> np.ndarray:
+    if _is_string(spec):
+        return rng.choice(np.array(["a", "b", "c"], dtype=object), size=shape)
+    dtype = spec.dtype
+    if dtype.kind == "b":
+        return rng.integers(0, 2, size=shape).astype(bool)
+    if dtype.kind in "iu":
+        return rng.integers(0, 2, size=shape).astype(dtype)  # small values: valid for indices and counts alike
+    return rng.standard_normal(size=shape).astype(dtype)
+
+
+def _mismatch(alone: list[list[Any]], stacked: list[Any], outputs: Sequence[Any]) -> str | None:
+    start = 0
+    for run in alone:
+        for spec, single, batched in zip(outputs, run, stacked):
+            single, batched = np.asarray(single), np.asarray(batched)
+            if not batched.ndim or batched.shape[0] != len(alone) * single.shape[0]:
+                return f"output {spec.name!r} does not have one row per input row (shape {list(batched.shape)})"
+            part = batched[start : start + single.shape[0]]
+            if single.dtype.kind in "fc":
+                same = np.allclose(part, single, rtol=1e-4, atol=1e-5, equal_nan=True)
+            else:
+                same = np.array_equal(part, single)
+            if not same:
+                return f"output {spec.name!r} changes when rows are run together (it mixes rows, e.g. a batch statistic)"
+        start += np.asarray(run[0]).shape[0]
+    return None
+
+
+def _timing(runner: Runner, inputs: Sequence[Any], example: Feeds | None) -> tuple[float, float] | None:
+    """(fixed, per input element) seconds of a run, from the best of a few runs of 1 and of 16 rows."""
+    try:
+        one = _row(inputs, example, 0)
+        many = {name: np.repeat(value, 16, axis=0) if value.ndim else value for name, value in one.items()}
+
+        def best(feeds: Feeds) -> float:
+            times = []
+            for _ in range(5):
+                started = time.perf_counter()
+                runner(feeds)
+                times.append(time.perf_counter() - started)
+            return min(times)
+
+        t1, t16 = best(one), best(many)
+    except Exception:
+        return None
+    elements = sum(value.size for value in one.values())
+    per_element = max(0.0, (t16 - t1) / (15 * elements))
+    return max(0.0, t1 - per_element * elements), per_element
