@@ -64,7 +64,7 @@ def create_app(settings: Settings) -> InferenceApp:
     @api.get("/health")
     async def health() -> JSONResponse:
         body = store.health()
-        body["batching"] = scheduler.policy.as_json()
+        body["batching"] = scheduler.as_json()
         return JSONResponse(body, status_code=200 if body["model_loaded"] else 503, headers={"Cache-Control": "no-store"})
 
     @api.get("/metadata")
@@ -163,7 +163,8 @@ class Endpoint:
             try:
                 values = await self.scheduler.submit(feeds)
             except ModelRejected as exc:  # onnxruntime's own checks: dimensions that must agree, value ranges, ...
-                raise BadRequest(f"the model rejected the input: {exc}") from None
+                names = ", ".join(repr(name) for name in feeds)
+                raise BadRequest(f"the model rejected input {names}: {exc}") from None
             if _output_bytes(values) > INLINE_OUTPUT_BYTES:
                 handle = contextvars.copy_context().run
                 payload, headers_out = await loop.run_in_executor(self.executor, handle, protocol.encode, request, values)

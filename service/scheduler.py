@@ -88,10 +88,25 @@ class Scheduler:
         self.queue: deque[_Pending] = deque()
         self.busy = False  # a batch is running (or scheduled to run) now
         self._timer: asyncio.TimerHandle | None = None
+        # What this worker's scheduler has done, for /health: runs, requests, the largest batch.
+        self.runs = self.requests = self.largest_rows = self.largest_requests = 0
 
     @property
     def depth(self) -> int:
         return len(self.queue)
+
+    def as_json(self) -> dict[str, Any]:
+        """The policy and what this worker did with it: /health's and /metadata's "batching"."""
+        return {
+            **self.policy.as_json(),
+            "worker": {
+                "runs": self.runs,
+                "requests": self.requests,
+                "largest_batch_rows": self.largest_rows,
+                "largest_batch_requests": self.largest_requests,
+                "queued": len(self.queue),
+            },
+        }
 
     async def submit(self, feeds: Feeds) -> list[Any]:
         """The model's outputs for `feeds`, run alone or as part of a batch; raises ModelRejected."""
@@ -173,8 +188,10 @@ class Scheduler:
             return False, exc
 
     def _finish(self, loop, batch: list[_Pending], results: list[tuple[bool, Any]], started: float) -> None:
+        rows = sum(p.rows for p in batch)
+        self._count(rows, len(batch))
         if self.observer is not None:
-            self.observer.batch(sum(p.rows for p in batch), len(batch), time.perf_counter() - started)
+            self.observer.batch(rows, len(batch), time.perf_counter() - started)
         for pending, (ok, value) in zip(batch, results):
             if pending.future.done():  # the client went away and its handler was cancelled
                 continue
@@ -194,9 +211,17 @@ class Scheduler:
             outputs = await loop.run_in_executor(self.executor, context.run, self.runner, feeds)
         except Exception as exc:
             raise ModelRejected(str(exc)) from None
+        rows = _rows(feeds) or 1
+        self._count(rows, 1)
         if self.observer is not None:
-            self.observer.batch(_rows(feeds) or 1, 1, time.perf_counter() - started)
+            self.observer.batch(rows, 1, time.perf_counter() - started)
         return outputs
+
+    def _count(self, rows: int, requests: int) -> None:
+        self.runs += 1
+        self.requests += requests
+        self.largest_rows = max(self.largest_rows, rows)
+        self.largest_requests = max(self.largest_requests, requests)
 
     def _observe_depth(self) -> None:
         if self.observer is not None:

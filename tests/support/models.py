@@ -97,3 +97,82 @@ def slow_model(path: Path, size: int = 2048, rounds: int = 5) -> Path:
         initializer=[numpy_helper.from_array(np.array(scale), "scale")],
     )
     return _save(graph, path)
+
+
+def batch_mixing_model(path: Path) -> Path:
+    """x float32 [N, 4] -> y = x - mean(x over the batch): each row's answer depends on the other rows, so
+    running requests together would change them (the batching self-test must find it unsafe)."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["mean"], axes=[0], keepdims=1), helper.make_node("Sub", ["x", "mean"], ["y"])],
+        "mixing",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
+    return _save(graph, path)
+
+
+def image_model(path: Path) -> Path:
+    """image float32 [N, 3, H, W] (free height and width) -> channel_means [N, 3] and doubled [N, 3, H, W]."""
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["image"], ["channel_means"], axes=[2, 3], keepdims=0),
+            helper.make_node("Mul", ["image", "two"], ["doubled"]),
+        ],
+        "image",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [
+            helper.make_tensor_value_info("channel_means", TensorProto.FLOAT, ["N", 3]),
+            helper.make_tensor_value_info("doubled", TensorProto.FLOAT, ["N", 3, "H", "W"]),
+        ],
+        initializer=[two],
+    )
+    return _save(graph, path)
+
+
+def lookup_model(path: Path, rows: int = 10) -> Path:
+    """ids int64 [N, 1] -> vectors float32 [N, 1, 2] = table[ids]: an id outside [0, rows) passes the service's
+    checks (it is a valid int64) but makes onnxruntime fail at run time."""
+    table = np.arange(rows * 2, dtype=np.float32).reshape(rows, 2)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["vectors"], axis=0)],
+        "lookup",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 1])],
+        [helper.make_tensor_value_info("vectors", TensorProto.FLOAT, ["N", 1, 2])],
+        initializer=[numpy_helper.from_array(table, "table")],
+    )
+    return _save(graph, path)
+
+
+def busy_model(path: Path, n_in: int = 64, hidden: int = 2048, n_out: int = 4, seed: int = 0) -> Path:
+    """features float32 [N, n_in] -> scores [N, n_out] through a wide hidden layer: cheap to send and to answer,
+    enough work per row that a batch of rows runs in the worker's thread pool, not on its event loop."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((n_in, hidden)) / np.sqrt(n_in)).astype(np.float32)
+    w2 = (rng.standard_normal((hidden, n_out)) / np.sqrt(hidden)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["features", "w1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2"], ["scores"]),
+        ],
+        "busy",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", n_in])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", n_out])],
+        initializer=[numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    return _save(graph, path)
+
+
+def scalar_input_model(path: Path) -> Path:
+    """x float32 [N, 2] and a rank-0 scale float32 [] -> y = x * scale."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "scale"], ["y"])],
+        "scalar_input",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2]),
+            helper.make_tensor_value_info("scale", TensorProto.FLOAT, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+    )
+    return _save(graph, path)
