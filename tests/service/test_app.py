@@ -134,3 +134,71 @@ def test_corrupt_local_model_fails_with_reason_and_refuses_predictions(tmp_path)
         assert client.get("/metadata").status_code == 503
     finally:
         client.__exit__(None, None, None)
+
+
+def access_lines(client, count: int) -> list[dict]:
+    """The last `count` access-log lines: written at the end of the event loop's turn, which runs in the test
+    client's own thread, so wait for them."""
+    import json
+    import time
+
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [json.loads(line) for line in client.app.logged.lines.stream.getvalue().splitlines()]
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines[-count:]
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def logged(demo_model):
+    import io
+
+    import logging
+
+    from service import logs
+
+    client = client_for(demo_model, GOOGLE_CLOUD_PROJECT="proj")
+    client.app.logged.lines.stream = io.BytesIO()
+    logs.JsonFormatter.project = "proj"  # what gunicorn.conf.py sets in each worker
+    access = logging.getLogger("service.access")
+    level = access.level
+    access.setLevel(logging.INFO)
+    yield client
+    access.setLevel(level)
+    logs.JsonFormatter.project = ""
+    client.__exit__(None, None, None)
+
+
+def test_trace_comes_from_traceparent_first_then_x_cloud_trace_context(logged):
+    trace, other = "4bf92f3577b34da6a3ce929d0e0e4736", "105445aa7843bc8bf206b12000100000"
+    logged.get("/health", headers={"traceparent": f"00-{trace}-00f067aa0ba902b7-01", "X-Cloud-Trace-Context": f"{other}/1;o=1"})
+    logged.get("/health", headers={"X-Cloud-Trace-Context": f"{other}/255;o=0"})
+    first, second = access_lines(logged, 2)
+    assert first["logging.googleapis.com/trace"] == f"projects/proj/traces/{trace}"
+    assert first["logging.googleapis.com/spanId"] == "00f067aa0ba902b7"
+    assert first["logging.googleapis.com/trace_sampled"] is True
+    assert second["logging.googleapis.com/trace"] == f"projects/proj/traces/{other}"
+    assert second["logging.googleapis.com/spanId"] == "00000000000000ff"  # decimal span id, as Cloud Logging's hex
+    assert second["logging.googleapis.com/trace_sampled"] is False
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"traceparent": b"00-\xff\xfe-garbage"},
+        {"traceparent": "00-00000000000000000000000000000000-00f067aa0ba902b7-01"},  # all-zero trace id
+        {"traceparent": "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},  # forbidden version
+        {"X-Cloud-Trace-Context": b"\xc3\x28/1;o=1"},  # not UTF-8
+        {"X-Cloud-Trace-Context": "not-a-trace/abc;o=9"},
+        {"traceparent": "", "X-Cloud-Trace-Context": ""},
+    ],
+)
+def test_a_malformed_trace_header_is_ignored_on_every_route(logged, headers):
+    assert logged.get("/health", headers=headers).status_code == 200
+    assert logged.get("/metadata", headers=headers).status_code == 200
+    response = logged.post("/predict", json={"inputs": [[1, 2, 3, 4]]}, headers=headers)
+    assert response.status_code == 200
+    lines = access_lines(logged, 3)
+    assert [line["httpRequest"]["status"] for line in lines] == [200, 200, 200]
+    assert not any("logging.googleapis.com/trace" in line for line in lines)
