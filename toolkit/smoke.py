@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +30,60 @@ class SmokeResult:
     health: dict[str, Any] = field(default_factory=dict)
     request: dict[str, Any] = field(default_factory=dict)
     outputs: dict[str, list[int]] = field(default_factory=dict)  # output name -> shape
+    load: dict[str, Any] = field(default_factory=dict)  # the load's final figures: bytes, seconds, rate
+
+
+class LoadProgress:
+    """Shows a model download as it goes: one live line on a terminal (bytes, percent, rate, elapsed), plain lines
+    every `every` seconds otherwise (CI logs), nothing at all when `show` is None (--json)."""
+
+    def __init__(self, show: Callable[[str], None] | None, live: bool | None = None, every: float = 10.0):
+        self.show, self.every = show, every
+        self.live = sys.stdout.isatty() if live is None else live
+        self.started = time.monotonic()
+        self.samples: list[tuple[float, int]] = []  # (when, bytes done), to measure the rate
+        self.printed_at = float("-inf")  # the first figures show at once
+        self.open_line = False
+
+    def update(self, step: str, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        self.samples = [(t, b) for t, b in self.samples if now - t <= 5.0] + [(now, done)]
+        if self.show is None:
+            return
+        text = self.describe(step, done, total, now)
+        if self.live:
+            sys.stdout.write("\r\x1b[2K" + text)
+            sys.stdout.flush()
+            self.open_line = True
+        elif now - self.printed_at >= self.every:
+            self.show(text)
+            self.printed_at = now
+
+    def describe(self, step: str, done: int, total: int | None, now: float) -> str:
+        (first_at, first_bytes), (last_at, last_bytes) = self.samples[0], self.samples[-1]
+        rate = (last_bytes - first_bytes) / (last_at - first_at) if last_at > first_at else 0.0
+        percent = f" ({100 * done / total:.0f}%)" if total else ""
+        size = f"{_mb(done)} of {_mb(total)}" if total else _mb(done)
+        return f"{step}: {size}{percent} at {_mb(rate)}/s, {now - self.started:.0f}s elapsed"
+
+    def close(self) -> None:
+        if self.open_line:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            self.open_line = False
+
+
+def _mb(count: float) -> str:
+    return f"{count / 1e6:.1f} MB"
+
+
+def download_progress(health: dict) -> tuple[int, int | None] | None:
+    """(bytes done, bytes total) of the model's download, as /health reports it while loading."""
+    progress = health.get("progress")
+    if not isinstance(progress, dict) or not isinstance(progress.get("bytes_done"), int):
+        return None
+    total = progress.get("bytes_total")
+    return progress["bytes_done"], total if isinstance(total, int) else None
 
 
 class SmokeFailure(Exception):
@@ -41,7 +96,7 @@ def check(
     token: str = "",
     sample: dict | None = None,
     expect_sha256: str = "",
-    progress: Callable[[str], None] = print,
+    progress: Callable[[str], None] | None = print,
 ) -> SmokeResult:
     """Poll /health until the model is loaded (or failed, or `timeout`), then predict and check the answer."""
     url = url.rstrip("/")
@@ -51,6 +106,7 @@ def check(
     with httpx.Client(headers=headers, timeout=30, follow_redirects=False) as client:
         try:
             result.health = wait_until_loaded(client, url, started + timeout, progress)
+            result.load = load_figures(result.health)
             sha = result.health.get("model", {}).get("sha256")
             if expect_sha256 and sha != expect_sha256:
                 raise SmokeFailure(f"the service runs model sha256 {sha}, expected {expect_sha256}")
@@ -64,13 +120,37 @@ def check(
     return result
 
 
-def wait_until_loaded(client: httpx.Client, url: str, deadline: float, progress: Callable[[str], None]) -> dict:
+def load_figures(health: dict) -> dict[str, Any]:
+    """The finished load in numbers: bytes fetched, seconds to ready, average rate."""
+    seconds = health.get("load_seconds")
+    done = download_progress(health)
+    size = done[0] if done else (health.get("model") or {}).get("size_bytes")
+    figures: dict[str, Any] = {"seconds": seconds, "bytes": size}
+    if isinstance(size, int) and isinstance(seconds, (int, float)) and seconds > 0:
+        figures["bytes_per_second"] = round(size / seconds)
+    return figures
+
+
+def wait_until_loaded(
+    client: httpx.Client, url: str, deadline: float, progress: Callable[[str], None] | None, live: bool | None = None
+) -> dict:
+    loading = LoadProgress(progress, live)
+    try:
+        return _poll_health(client, url, deadline, progress or (lambda _: None), loading)
+    finally:
+        loading.close()
+
+
+def _poll_health(
+    client: httpx.Client, url: str, deadline: float, progress: Callable[[str], None], loading: LoadProgress
+) -> dict:
     delay, last = 0.5, ""
     while True:
         try:
             response = client.get(f"{url}/health")
             body = _json_or_none(response)
             if response.status_code == 200 and body and body.get("model_loaded") is True:
+                loading.close()
                 progress(f"ready: model loaded in {body.get('load_seconds')}s (sha256 {body['model'].get('sha256')})")
                 return body
             if body and body.get("status") == "failed":
@@ -80,13 +160,18 @@ def wait_until_loaded(client: httpx.Client, url: str, deadline: float, progress:
             if response.status_code not in TRANSIENT_STATUSES:
                 raise SmokeFailure(f"/health answered {response.status_code}: {response.text[:300]}")
             state = f"{response.status_code} " + (f"{body.get('status')} ({body.get('step')})" if body else "")
+            downloading = download_progress(body) if body else None
         except httpx.TransportError as exc:
-            state = f"not answering ({type(exc).__name__})"
+            state, downloading = f"not answering ({type(exc).__name__})", None
         if time.monotonic() + delay > deadline:
             raise SmokeFailure(f"timed out: /health never reported model_loaded (last: {state.strip()})")
         if state != last:
+            loading.close()
             progress(f"waiting: {state.strip()}")
             last = state
+        if downloading:
+            loading.update(str(body.get("step")), *downloading)
+            delay = 1.0  # a download in progress: keep the figures fresh
         time.sleep(delay)
         delay = min(delay * 1.5, 5.0)
 
@@ -200,6 +285,6 @@ def smoke(c, url, timeout=None, token="", identity_token=False, sample="", sha25
         token=token,
         sample=load_sample(sample or c.smoke.sample),
         expect_sha256=sha256 or c.model.sha256,
-        progress=(lambda _: None) if json else print,
+        progress=None if json else print,
     )
     report(result, as_json=json)

@@ -103,3 +103,33 @@ def test_invoke_smoke_exit_codes_and_json(demo_model, tmp_path):
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert failed.returncode == 1
     assert "FAIL" in failed.stdout and "timed out" in failed.stdout and "not answering" in failed.stdout
+
+
+def test_download_progress_is_a_live_line_on_a_terminal_and_plain_lines_otherwise(capsys, monkeypatch):
+    clock = iter([0.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+    monkeypatch.setattr(smoke.time, "monotonic", lambda: next(clock))
+    lines: list[str] = []
+    plain = smoke.LoadProgress(lines.append, live=False, every=2.0)
+    for done in (10_000_000, 30_000_000, 50_000_000):
+        plain.update("downloading", done, 100_000_000)
+    # The first figures at once, then one line per `every` seconds, each with bytes, percent, rate and elapsed.
+    assert lines == [
+        "downloading: 10.0 MB of 100.0 MB (10%) at 0.0 MB/s, 0s elapsed",
+        "downloading: 50.0 MB of 100.0 MB (50%) at 20.0 MB/s, 2s elapsed",
+    ]
+    live = smoke.LoadProgress(lines.append, live=True)
+    live.update("downloading", 1_000_000, 4_000_000)
+    live.update("downloading", 3_000_000, 4_000_000)
+    live.close()
+    out = capsys.readouterr().out
+    assert out.count("\r\x1b[2K") == 2 and out.endswith("(75%) at 2.0 MB/s, 2s elapsed\n"), repr(out)
+    assert len(lines) == 2  # the live line went to the terminal only
+
+
+def test_the_json_verdict_carries_the_load_figures(demo_model, tmp_path):
+    with run_service(str(demo_model), tmp_path) as service:
+        result = smoke.check(service.url, timeout=60, progress=None)
+    assert result.ok
+    assert result.load["bytes"] == demo_model.stat().st_size
+    assert result.load["seconds"] == result.health["load_seconds"] > 0
+    assert result.load["bytes_per_second"] == round(result.load["bytes"] / result.load["seconds"])
