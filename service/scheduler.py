@@ -71,8 +71,8 @@ class _Pending:
     feeds: Feeds
     rows: int
     key: tuple
-    future: asyncio.Future
-    context: contextvars.Context
+    future: asyncio.Future | None  # None for a batch's leader, which runs the batch in its own task
+    context: contextvars.Context | None
     queued_at: float = field(default_factory=time.perf_counter)
 
 
@@ -111,15 +111,56 @@ class Scheduler:
     async def submit(self, feeds: Feeds) -> list[Any]:
         """The model's outputs for `feeds`, run alone or as part of a batch; raises ModelRejected."""
         loop = asyncio.get_running_loop()
-        rows = _rows(feeds) if self.policy.enabled else None
+        policy = self.policy
+        rows = _rows(feeds) if policy.enabled else None
         if rows is None:  # not batchable: run it alone, several at once in the pool as before
             return await self._run_alone(loop, feeds)
+        if not self.busy and policy.delay == 0:
+            return await self._lead(loop, _Pending(feeds, rows, _key(feeds), None, None))
         pending = _Pending(feeds, rows, _key(feeds), loop.create_future(), contextvars.copy_context())
         self.queue.append(pending)
         self._observe_depth()
         if not self.busy:
             self._arm(loop)
         return await pending.future
+
+    async def _lead(self, loop: asyncio.AbstractEventLoop, leader: _Pending) -> list[Any]:
+        """The runner was idle: this request starts the next batch itself, without a hop through the queue.
+
+        It yields once, so that requests parsed in the same turn of the event loop queue behind it, then runs
+        them all as one batch (on the loop if cheap, else in the pool) and hands each its rows. What queued
+        meanwhile starts the next batch as usual. At low load that is one loop turn and no future per request.
+        """
+        self.busy = True
+        try:
+            await asyncio.sleep(0)
+        except BaseException:  # cancelled before it took anything: let the queue go on without it
+            self._release(loop)
+            raise
+        batch = [leader, *self._take(leader)]
+        started = time.perf_counter()
+        if self._cheap(batch):
+            results = self._run_batch(batch)
+        else:
+            future = loop.run_in_executor(self.executor, self._run_batch, batch)
+            try:
+                await asyncio.shield(future)
+            except asyncio.CancelledError:  # the leader's client left; the others in its batch still get answers
+                future.add_done_callback(lambda f: self._finish(loop, batch, _results(f, len(batch)), started))
+                raise
+            results = _results(future, len(batch))
+        self._finish(loop, batch, results, started)
+        ok, value = results[0]
+        if not ok:
+            raise ModelRejected(str(value))
+        return value
+
+    def _release(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The running batch is done: start the next one if anything queued meanwhile."""
+        if self.queue:
+            self._arm(loop)
+        else:
+            self.busy = False
 
     def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the next batch: on the next loop turn, or after the opt-in delay unless the batch is full."""
@@ -139,31 +180,40 @@ class Scheduler:
             self.busy = False
             return
         started = time.perf_counter()
-        estimate = self.policy.estimate(sum(value.size for p in batch for value in p.feeds.values()))
-        if estimate is not None and estimate < INLINE_RUN_SECONDS:
+        if self._cheap(batch):
             self._finish(loop, batch, self._run_batch(batch), started)
             return
         future = loop.run_in_executor(self.executor, self._run_batch, batch)
         future.add_done_callback(lambda f: self._finish(loop, batch, _results(f, len(batch)), started))
 
-    def _take(self) -> list[_Pending]:
-        """The oldest queued request and every later one of the same shape, up to max_rows rows in all."""
-        if not self.queue:
-            return []
-        first = self.queue.popleft()
-        batch, rows = [first], first.rows
-        if rows < self.policy.max_rows:
+    def _cheap(self, batch: list[_Pending]) -> bool:
+        """Whether the batch's run is estimated cheaper than a hop to the pool, so it runs on the event loop."""
+        estimate = self.policy.estimate(sum(value.size for p in batch for value in p.feeds.values()))
+        return estimate is not None and estimate < INLINE_RUN_SECONDS
+
+    def _take(self, first: _Pending | None = None) -> list[_Pending]:
+        """Queued requests for the next batch: `first` (default: the oldest queued) and every queued request of
+        the same shape after it, up to max_rows rows in all. Returns those taken from the queue."""
+        if first is None:
+            if not self.queue:
+                return []
+            first = self.queue.popleft()
+            taken = [first]
+        else:
+            taken = []
+        rows = first.rows
+        if self.queue and rows < self.policy.max_rows:
             kept: deque[_Pending] = deque()
             while self.queue:
                 pending = self.queue.popleft()
                 if pending.key == first.key and rows + pending.rows <= self.policy.max_rows:
-                    batch.append(pending)
+                    taken.append(pending)
                     rows += pending.rows
                 else:
                     kept.append(pending)
             self.queue = kept
         self._observe_depth()
-        return batch
+        return taken
 
     def _run_batch(self, batch: list[_Pending]) -> list[tuple[bool, Any]]:
         """(ok, outputs or error) for each request of the batch; one request's bad input never fails another."""
@@ -183,6 +233,8 @@ class Scheduler:
 
     def _run_one(self, pending: _Pending) -> tuple[bool, Any]:
         try:
+            if pending.context is None:
+                return True, self.runner(pending.feeds)
             return True, pending.context.run(self.runner, pending.feeds)
         except Exception as exc:
             return False, exc
@@ -193,16 +245,13 @@ class Scheduler:
         if self.observer is not None:
             self.observer.batch(rows, len(batch), time.perf_counter() - started)
         for pending, (ok, value) in zip(batch, results):
-            if pending.future.done():  # the client went away and its handler was cancelled
+            if pending.future is None or pending.future.done():  # the leader; a client that went away
                 continue
             if ok:
                 pending.future.set_result(value)
             else:
                 pending.future.set_exception(ModelRejected(str(value)))
-        if self.queue:
-            self._arm(loop)
-        else:
-            self.busy = False
+        self._release(loop)
 
     async def _run_alone(self, loop: asyncio.AbstractEventLoop, feeds: Feeds) -> list[Any]:
         started = time.perf_counter()
