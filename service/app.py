@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 
 from service import logs
 from service.model_store import LoadState, ModelStore
-from service.payload import BadRequest, decode_inputs, encode_outputs
+from service.payload import BadRequest, decode_inputs, encode_outputs, rejected_by_model
 from service.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("service.app")
@@ -118,7 +118,7 @@ def _predict(store: ModelStore, body: bytes) -> bytes:
     try:
         values = store.run(feeds)
     except Exception as exc:  # onnxruntime's own checks: symbolic dimensions that must agree, value ranges, ...
-        raise BadRequest(f"the model rejected the input: {exc}") from None
+        raise rejected_by_model(exc, store.inputs, feeds) from None
     return encode_outputs(store.outputs, values)
 
 

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GS_URI = re.compile(r"^gs://(?P<bucket>[a-z0-9][a-z0-9._-]{1,220}[a-z0-9])/(?P<name>[^#]+?)(?:#(?P<generation>\d+))?$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+SHA256_MANIFEST = re.compile(r"^[^=,]+=[0-9a-fA-F]{64}(,[^=,]+=[0-9a-fA-F]{64})*$")
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,11 @@ class Settings(BaseSettings):
     keepalive: int = Field(75, ge=0, description="idle keep-alive seconds (longer than the platform proxy's)")
     google_cloud_project: str = Field("", description="project id for trace ids in logs")
 
+    # --- Models users bring (issue 11): a real warm-up example ---
+    warmup_input: str = Field(
+        "", description="a /predict JSON body (inline, a path or gs:// object) run before ready; its failure fails the load"
+    )
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_level(cls, value: object) -> object:
@@ -93,10 +99,22 @@ class Settings(BaseSettings):
     @field_validator("model_sha256")
     @classmethod
     def _valid_sha(cls, value: str) -> str:
-        value = value.strip().lower()
-        if value and not SHA256_HEX.match(value):
-            raise ValueError("MODEL_SHA256 must be 64 hex digits (the output of `sha256sum model.onnx`), or unset")
-        return value
+        value = "".join(value.split())
+        if value and not SHA256_HEX.match(value.lower()) and not SHA256_MANIFEST.match(value):
+            raise ValueError(
+                "MODEL_SHA256 must be 64 hex digits (the output of `sha256sum model.onnx`), or for a model with "
+                "external data every file's: model.onnx=HEX,model.onnx.data=HEX; or unset"
+            )
+        return value.lower() if SHA256_HEX.match(value.lower()) else value
+
+    @property
+    def sha256_by_file(self) -> dict[str, str]:
+        """MODEL_SHA256 by file name; the key "" stands for the .onnx file, whatever its name."""
+        if not self.model_sha256:
+            return {}
+        if "=" not in self.model_sha256:
+            return {"": self.model_sha256}
+        return {name: digest.lower() for name, digest in (entry.split("=", 1) for entry in self.model_sha256.split(","))}
 
     @property
     def source(self) -> ModelSource:
