@@ -183,8 +183,8 @@ class ModelStore:
             for spec in self.inputs:
                 if spec.dtype is None:
                     raise ModelLoadError(
-                        f"input {spec.name!r} has type {spec.ort_type}: the service takes tensors only "
-                        "(numbers, booleans, strings), not sequences, maps or optionals"
+                        f"input {spec.name!r} has type {spec.ort_type}, which the service cannot accept: it takes "
+                        "tensors of numbers, booleans and strings, not sequences, maps, optionals, bfloat16 or float8"
                     )
             status.step = "warming up"
             warning = warm_up(session, self.inputs, self.settings)

@@ -260,3 +260,22 @@ def test_warmup_input_from_gcs(storage_env, tmp_path):
         assert body["status"] == "failed" and "WARMUP_INPUT" in body["error"]
     finally:
         client.__exit__(None, None, None)
+
+
+def test_an_input_json_cannot_express_fails_the_load_naming_it(tmp_path):
+    from onnx import TensorProto, helper
+
+    from tests.support.models import _save
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["half"], ["y"], to=TensorProto.FLOAT)], "bf16",
+        [helper.make_tensor_value_info("half", TensorProto.BFLOAT16, ["N"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])],
+    )  # fmt: skip
+    client = client_for(_save(graph, tmp_path / "bf16.onnx"))
+    try:
+        body = client.get("/health").json()
+        assert body["status"] == "failed"
+        assert "input 'half' has type tensor(bfloat16)" in body["error"]
+    finally:
+        client.__exit__(None, None, None)
