@@ -441,8 +441,8 @@ def storage_errors(where: str, bucket: str | None, deadline: float) -> Iterator[
 
 
 class _CacheRecord:
-    """The files of one model generation in the cache, with the generation, size and sha256 each was fetched at
-    (`files.json`), so a data file overwritten in the bucket is fetched again and a cached one is not re-hashed."""
+    """The files of one model generation in the cache folder, and beside it (FOLDER.json) the generation, size and
+    sha256 each was fetched at: a data file overwritten in the bucket is fetched again, a cached one not re-hashed."""
 
     def __init__(self, folder: Path):
         self.folder, self.path = folder, folder.with_suffix(".json")
@@ -466,7 +466,9 @@ class _CacheRecord:
             with partial.open("wb") as file:
                 writer = _HashingWriter(file, progress, name)
                 # Pinning the generation read above means a concurrent overwrite cannot mix two objects.
-                blob.download_to_file(writer, checksum="crc32c", retry=retry, timeout=(10, 120), if_generation_match=generation)
+                blob.download_to_file(
+                    writer, checksum="crc32c", retry=retry, timeout=(10, 120), if_generation_match=generation
+                )
             partial.rename(target)
         finally:
             partial.unlink(missing_ok=True)
@@ -595,7 +597,9 @@ def warmup_feeds(example: str, inputs: tuple[TensorSpec, ...], settings: Setting
         try:
             body = Path(example).expanduser().read_bytes()
         except OSError as exc:
-            raise ModelLoadError(f"{where} cannot be read ({exc.strerror}): give a /predict JSON body, a file or gs:// object") from None
+            raise ModelLoadError(
+                f"{where} cannot be read ({exc.strerror}): give a /predict JSON body, a file or a gs:// object"
+            ) from None
     try:
         return decode_inputs(body, inputs)
     except BadRequest as exc:
