@@ -373,24 +373,36 @@ def download_from_gcs(source: ModelSource, cache_dir: Path, deadline: float, sta
             cache = _CacheRecord(folder)
             try:
                 model = cache.fetch(blob, name, status.progress, retry)
-                blobs = []
-                for data_name in data_file_names(model.path, where):
-                    object_name = str(PurePosixPath(source.name).parent / data_name).removeprefix("./")
-                    data_blob = bucket.get_blob(object_name, retry=retry, timeout=30)
-                    if data_blob is None:
-                        raise ModelLoadError(
-                            f"the model's external data file {data_name!r} is missing: expected gs://{source.bucket}/"
-                            f"{object_name} beside {where}; upload every file the model was saved with"
-                        )
-                    status.progress.add(data_name, data_blob.size)
-                    blobs.append((data_name, data_blob))
+                blobs = _data_file_blobs(bucket, source, data_file_names(model.path, where), retry, status.progress)
                 if blobs:
                     status.step = f"downloading {len(blobs)} external data file(s)"
+
+                def fetch_data(item: tuple[str, Any]) -> FetchedFile:
+                    data_name, data_blob = item
+                    with storage_errors(f"gs://{source.bucket}/{data_blob.name}", source.bucket, deadline):
+                        return cache.fetch(data_blob, data_name, status.progress, retry)
+
                 with ThreadPoolExecutor(max_workers=min(8, len(blobs) or 1), thread_name_prefix="download") as pool:
-                    data = tuple(pool.map(lambda item: cache.fetch(item[1], item[0], status.progress, retry), blobs))
+                    data = tuple(pool.map(fetch_data, blobs))
             finally:
                 cache.save()
         return FetchedModel(model.path, model.generation, model.size_bytes, model.sha256, data)
+
+
+def _data_file_blobs(bucket: Any, source: ModelSource, names: list[str], retry: Any, progress: Progress) -> list:
+    """(name, blob) of each external data file, read beside the model's object; each registered for progress."""
+    blobs = []
+    for name in names:
+        object_name = str(PurePosixPath(source.name).parent / name).removeprefix("./")
+        blob = bucket.get_blob(object_name, retry=retry, timeout=30)
+        if blob is None:
+            raise ModelLoadError(
+                f"the model's external data file {name!r} is missing: expected gs://{source.bucket}/{object_name} "
+                f"beside gs://{source.bucket}/{source.name}; upload every file the model was saved with"
+            )
+        progress.add(name, blob.size)
+        blobs.append((name, blob))
+    return blobs
 
 
 def _retry(deadline: float, status: LoadStatus | None = None):
