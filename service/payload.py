@@ -95,15 +95,10 @@ def json_to_array(value: Any, spec: TensorSpec, *, may_hold_booleans: bool = Tru
     if kind == "U":
         raise BadRequest(f"input {spec.name!r} holds strings; expected {_expected(spec)}")
     if target.kind in "iu":
+        info = np.iinfo(target)
         if kind == "f":
-            fraction = array[array != np.floor(array)]
-            if fraction.size:
-                raise BadRequest(
-                    f"input {spec.name!r} holds numbers with a fraction (such as {fraction.flat[0].item()}); "
-                    f"expected {_expected(spec)} of whole numbers"
-                )
+            return _whole_numbers(value, spec, info)
         if array.size:
-            info = np.iinfo(target)
             low, high = array.min(), array.max()
             if low < info.min or high > info.max:
                 raise _out_of_range(spec, info.min, info.max, low if low < info.min else high)
@@ -226,6 +221,22 @@ def _mentions_booleans(body: bytes) -> bool:
                 return True
             at = body.find(word[:1], at + 1)
     return False
+
+
+def _whole_numbers(value: Any, spec: TensorSpec, info: np.iinfo) -> np.ndarray:
+    """An integer input sent numbers numpy could only hold as floats: written with a fraction part (1.0), or
+    integers beside such a number or beyond int64 beside negative ones. Checked one by one on the JSON's own
+    values, which Python compares exactly (as floats, 2**63 - 1 and 2**63 are one number); a rare, slower path."""
+    exact = np.asarray(value, dtype=object)
+    for number in exact.flat:
+        if number != int(number):
+            raise BadRequest(
+                f"input {spec.name!r} holds numbers with a fraction (such as {number}); "
+                f"expected {_expected(spec)} of whole numbers"
+            )
+        if not info.min <= number <= info.max:
+            raise _out_of_range(spec, info.min, info.max, number)
+    return exact.astype(spec.dtype)
 
 
 def _holds_booleans(value: Any) -> bool:
