@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 
 import httpx
 import numpy as np
@@ -18,6 +17,7 @@ from service.model_store import LoadState, ModelStore
 from service.settings import load_settings
 from tests.service.test_app import client_for
 from tests.support.models import reference_outputs
+from tests.support.processes import wait_for
 from tests.support.server import run_service
 from tests.support.zoo import MIN_FRAMES, ZOO, external_data_model, min_length_model
 
@@ -164,22 +164,26 @@ def test_a_data_file_overwritten_in_the_bucket_is_fetched_again(storage_env, tmp
     np.testing.assert_allclose(after, expected, rtol=1e-6, atol=1e-5)
 
 
-def test_health_shows_bytes_and_step_while_downloading(storage_env, tmp_path):
+def test_health_shows_bytes_and_step_while_downloading(emulator, tmp_path):
     external_data_model(tmp_path / "model", megabytes=48)
-    _upload_folder(storage_env, tmp_path / "model", "zoo-progress")
-    store = ModelStore(load_settings({"MODEL_URI": "gs://zoo-progress/m/model.onnx", "MODEL_CACHE_DIR": str(tmp_path / "c")}))
-    seen = []
-    loading = store.start()
-    while loading.is_alive():
-        health = store.health()
-        seen.append((health["step"], health["progress"]["bytes_done"], health["progress"]["bytes_total"]))
-        time.sleep(0.005)
-    assert store.status.state is LoadState.READY, store.status.error
+    _upload_folder(emulator, tmp_path / "model", "zoo-progress")
     total = sum(f.stat().st_size for f in (tmp_path / "model").rglob("*") if f.is_file())
+    seen = []
+
+    def loaded() -> bool:
+        answer = service.health()
+        if answer:
+            body = answer[1]
+            seen.append((body["step"], body["progress"]["bytes_done"], body["progress"]["bytes_total"]))
+        return bool(answer) and answer[1]["status"] != "loading"
+
+    with run_service("gs://zoo-progress/m/model.onnx", tmp_path, **emulator.env) as service:
+        wait_for(loaded, 60, interval=0.01, what="the load to end")
+        assert service.health()[1]["status"] == "ready"
     midway = [(step, done) for step, done, of in seen if of == total and 0 < done < total]
-    assert midway and all(step.startswith("downloading") for step, _ in midway)
+    assert midway and all(step.startswith("downloading") for step, _ in midway), seen
     done = [done for _, done, _ in seen]
-    assert done == sorted(done)  # never goes back
+    assert done == sorted(done) and done[-1] == total  # never goes back, ends complete
 
 
 def test_sha256_manifest_covers_every_file_of_the_model(storage_env, tmp_path):
