@@ -154,7 +154,7 @@ def external_data_locations(path: Path) -> list[str]:
     try:
         with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
             _collect(data, "model", 0, len(data), locations)
-    except ValueError:  # an empty file, or not a protobuf: onnxruntime reports what is wrong with it
+    except (ValueError, IndexError):  # an empty file, or not a protobuf: onnxruntime reports what is wrong with it
         return []
     return list(locations)
 

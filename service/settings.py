@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GS_URI = re.compile(r"^gs://(?P<bucket>[a-z0-9][a-z0-9._-]{1,220}[a-z0-9])/(?P<name>[^#]+?)(?:#(?P<generation>\d+))?$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-WARMUP_EXAMPLE = '''e.g. {"inputs": {"audio": [[0.0, 0.1, ...]]}}, or a path or gs:// object holding one'''
+WARMUP_EXAMPLE = 'e.g. {"inputs": {"audio": [[0.0, 0.1, ...]]}}, or a path or gs:// object holding one'
 SHA256_MANIFEST = re.compile(r"^[^=,]+=[0-9a-fA-F]{64}(,[^=,]+=[0-9a-fA-F]{64})*$")
 
 
