@@ -154,9 +154,11 @@ def rejected_by_model(error: Exception, specs: Sequence[TensorSpec], tensors: di
         check_shared_dimensions(specs, tensors)
     except BadRequest as disagreement:
         return BadRequest(f"the model rejected the input: {disagreement} (onnxruntime: {reason})")
-    named = [spec for spec in specs if re.search(rf"(?<![\w.]){re.escape(spec.name)}(?![\w.])", reason)]
-    shown = ", ".join(f"{spec.name!r} of shape {list(tensors[spec.name].shape)}" for spec in named or specs)
-    return BadRequest(f"the model rejected input {shown}: {reason}")
+    # onnxruntime names an input as "input: x" or "input 'x'"; a bare word could be any English "a".
+    named = [spec for spec in specs if re.search(rf"\binput\W{{1,4}}{re.escape(spec.name)}(?![\w.])", reason)]
+    named = named or list(specs)
+    shown = ", ".join(f"{spec.name!r} of shape {list(tensors[spec.name].shape)}" for spec in named)
+    return BadRequest(f"the model rejected input{'s' if len(named) > 1 else ''} {shown}: {reason}")
 
 
 # "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : " and the C++ source location: nothing a user can act on.

@@ -7,8 +7,8 @@ from service.model_store import TensorSpec
 from service.payload import BadRequest, json_to_array, to_tensor
 
 
-def spec(ort_type: str, shape=("N",)) -> TensorSpec:
-    return TensorSpec("x", f"tensor({ort_type})", tuple(shape))
+def spec(ort_type: str, shape=("N",), name: str = "x") -> TensorSpec:
+    return TensorSpec(name, f"tensor({ort_type})", tuple(shape))
 
 
 @pytest.mark.parametrize(
@@ -68,3 +68,26 @@ def test_rank_0_and_free_dimensions():
     assert to_tensor([[[1.0] * 6] * 4], spec("float", (1, "?", "?"))).shape == (1, 4, 6)
     with pytest.raises(BadRequest, match="expected rank 0"):
         to_tensor([2.5], spec("float", ()))
+
+
+def test_onnxruntime_refusing_an_input_becomes_a_4xx_naming_the_inputs(tmp_path):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from service.payload import rejected_by_model
+    from tests.support.models import _save
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["c"])], "add",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [dim]) for name, dim in (("a", "N"), ("b", "M"))],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, ["N"])],
+    )  # fmt: skip
+    session = ort.InferenceSession(str(_save(graph, tmp_path / "add.onnx")), providers=["CPUExecutionProvider"])
+    specs = (spec("float", ("N",), "a"), spec("float", ("M",), "b"))
+    feeds = {"a": np.ones(2, np.float32), "b": np.ones(3, np.float32)}
+    with pytest.raises(Exception) as failed:
+        session.run(None, feeds)
+    refusal = rejected_by_model(failed.value, specs, feeds)
+    assert refusal.status == 422
+    assert "inputs 'a' of shape [2], 'b' of shape [3]" in str(refusal) and "broadcast" in str(refusal)
+    assert "onnxruntime_src" not in str(refusal)
