@@ -24,7 +24,7 @@ from starlette.requests import ClientDisconnect
 
 from service import logs, open_inference
 from service.model_store import LoadState, ModelStore
-from service.payload import BadRequest, decode_inputs, encode_outputs
+from service.payload import BadRequest, decode_inputs, encode_outputs, rejected_by_model
 from service.scheduler import BatchPolicy, ModelRejected, Scheduler, batch_safety
 from service.settings import Settings, SettingsError, load_settings
 
@@ -43,7 +43,7 @@ def create_app(settings: Settings) -> InferenceApp:
     def decide_batching() -> None:
         scheduler.policy = batch_safety(
             store.run, store.inputs, store.outputs, settings.batching, settings.max_batch_rows,
-            settings.max_batch_delay_ms / 1000, example=getattr(store, "warmup_feeds", None),
+            settings.max_batch_delay_ms / 1000, example=store.example,
         )  # fmt: skip
         log.info("batching %s", scheduler.policy.reason)
 
@@ -163,8 +163,7 @@ class Endpoint:
             try:
                 values = await self.scheduler.submit(feeds)
             except ModelRejected as exc:  # onnxruntime's own checks: dimensions that must agree, value ranges, ...
-                names = ", ".join(repr(name) for name in feeds)
-                raise BadRequest(f"the model rejected input {names}: {exc}") from None
+                raise rejected_by_model(exc.cause, self.store.inputs, feeds) from None
             if _output_bytes(values) > INLINE_OUTPUT_BYTES:
                 handle = contextvars.copy_context().run
                 payload, headers_out = await loop.run_in_executor(self.executor, handle, protocol.encode, request, values)

@@ -4,22 +4,26 @@ step as an explicit load state that /health reports. No web framework here.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import enum
 import fcntl
 import hashlib
 import io
+import json
 import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 
-from service.onnx_file import with_weights_by_reference
-from service.settings import ModelSource, Settings
+from service.onnx_file import external_data_locations, with_weights_by_reference
+from service.settings import ModelSource, Settings, parse_model_uri
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -41,6 +45,7 @@ ORT_DTYPES: dict[str, np.dtype] = {
         "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64",
         "uint8": "uint8", "uint16": "uint16", "uint32": "uint32", "uint64": "uint64",
         "bool": "bool",
+        "string": "object",  # onnxruntime takes and gives string tensors as numpy arrays of Python str
     }.items()
 }  # fmt: skip
 
@@ -63,14 +68,43 @@ class TensorSpec:
 
     @property
     def dtype(self) -> np.dtype | None:
+        """The numpy dtype of the tensor (object for strings), None for what is not a tensor (sequences, maps)."""
         return ORT_DTYPES.get(self.ort_type)
+
+    @property
+    def dtype_name(self) -> str:
+        """"float32", "int64", "bool", "string", ...; onnxruntime's type for what is not a tensor."""
+        dtype = self.dtype
+        if dtype is None:
+            return self.ort_type
+        return "string" if dtype.kind == "O" else dtype.name
 
     def describe_shape(self) -> str:
         return "[" + ", ".join(str(d) if isinstance(d, int) else (d or "N") for d in self.shape) + "]"
 
     def as_json(self) -> dict[str, Any]:
-        dtype = self.dtype
-        return {"name": self.name, "dtype": dtype.name if dtype is not None else self.ort_type, "shape": list(self.shape)}
+        return {"name": self.name, "dtype": self.dtype_name, "shape": list(self.shape)}
+
+
+class Progress:
+    """Bytes of the model's files fetched so far. Each file's count is written only by its own download, and
+    every file is registered before any download starts, so readers need no lock."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[str, int] = {}
+        self.done: dict[str, int] = {}
+
+    def add(self, name: str, size: int, done: int = 0) -> None:
+        self.sizes[name], self.done[name] = size, done
+
+    def as_json(self) -> dict[str, int]:
+        sizes, done = dict(self.sizes), dict(self.done)
+        return {
+            "bytes_done": sum(done.values()),
+            "bytes_total": sum(sizes.values()),
+            "files": len(sizes),
+            "files_done": sum(done.get(name) == size for name, size in sizes.items()),
+        }
 
 
 @dataclass
@@ -82,8 +116,23 @@ class LoadStatus:
     error: str | None = None
     generation: int | None = None
     sha256: str | None = None
-    size_bytes: int | None = None
+    size_bytes: int | None = None  # all files of the model: the .onnx and its external data
     attempts: int = 0
+    progress: Progress = field(default_factory=Progress)
+    data_files: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FetchedFile:
+    name: str  # the .onnx file's own name, or an external data file's location as the model names it
+    path: Path
+    size_bytes: int
+    generation: int | None = None
+    sha256: str | None = None  # when hashed on the way in (or recorded then); else read from the file
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "size_bytes": self.size_bytes, "generation": self.generation, "sha256": self.sha256}
 
 
 @dataclass(frozen=True)
@@ -91,7 +140,8 @@ class FetchedModel:
     path: Path
     generation: int | None
     size_bytes: int
-    sha256: str | None = None  # when hashed on the way in; else read from the file
+    sha256: str | None = None
+    data_files: tuple[FetchedFile, ...] = ()  # the files its tensors' external data lives in, beside `path`
 
 
 class ModelStore:
@@ -104,6 +154,7 @@ class ModelStore:
         self.session: onnxruntime.InferenceSession | None = None
         self.inputs: tuple[TensorSpec, ...] = ()
         self.outputs: tuple[TensorSpec, ...] = ()
+        self.example: dict[str, np.ndarray] | None = None  # an input the model ran at warm-up
         self.loaded = threading.Event()  # set when the load ends, either way
         # Steps others add to the load, run after the warm-up and before the model is reported ready (the
         # batching self-test): (step name shown on /health, callable). They must not raise.
@@ -124,21 +175,26 @@ class ModelStore:
         log.info("loading model", extra={"model_uri": self.source.uri})
         try:
             fetched = self._fetch()
-            status.generation, status.size_bytes = fetched.generation, fetched.size_bytes
+            status.generation = fetched.generation
+            status.size_bytes = fetched.size_bytes + sum(f.size_bytes for f in fetched.data_files)
             status.step = "verifying sha256"
             status.sha256 = fetched.sha256 or file_sha256(fetched.path)
-            expected = self.settings.model_sha256
-            if expected and status.sha256 != expected:
-                raise ModelLoadError(
-                    f"sha256 mismatch: MODEL_SHA256 is {expected} but {self.source.uri} has {status.sha256}; "
-                    "point MODEL_URI at the intended object (pin #GENERATION) or update MODEL_SHA256"
-                )
+            status.data_files = [f.as_json() for f in verify_sha256(self.settings, fetched, status.sha256)]
             status.step = "opening session"
-            session = open_session(fetched.path, self.settings)
+            session = open_session(fetched.path, self.settings, external_data=bool(fetched.data_files))
             self.inputs = tuple(_spec(arg) for arg in session.get_inputs())
             self.outputs = tuple(_spec(arg) for arg in session.get_outputs())
+            for spec in self.inputs:
+                if spec.dtype is None:
+                    raise ModelLoadError(
+                        f"input {spec.name!r} has type {spec.ort_type}, which the service cannot accept: it takes "
+                        "tensors of numbers, booleans and strings, not sequences, maps, optionals, bfloat16 or float8"
+                    )
             status.step = "warming up"
-            warm_up(session, self.inputs)
+            warning, self.example = warm_up(session, self.inputs, self.settings)
+            if warning:
+                status.warnings.append(warning)
+                log.warning(warning, extra={"model_uri": self.source.uri})
             self.session = session
             for step, hook in self.after_load:
                 status.step = step
@@ -167,7 +223,7 @@ class ModelStore:
             assert path is not None
             if not path.is_file():
                 raise ModelLoadError(f"model file {path} does not exist: check MODEL_URI")
-            return FetchedModel(path, None, path.stat().st_size)
+            return local_model(path, self.status.progress)
         self.status.step = "downloading"
         return download_from_gcs(self.source, self.settings.model_cache_dir, self.settings.model_load_deadline, self.status)
 
@@ -182,14 +238,17 @@ class ModelStore:
             "status": s.state.value,
             "model_loaded": s.state is LoadState.READY,
             "step": s.step,
+            "progress": s.progress.as_json(),
             "model": {
                 "uri": self.source.uri,
                 "generation": s.generation,
                 "sha256": s.sha256,
                 "size_bytes": s.size_bytes,
+                "data_files": s.data_files,
             },
             "load_seconds": round(end - s.started_at, 3),
             "error": s.error,
+            "warnings": list(s.warnings),
         }
 
     def metadata(self) -> dict[str, Any]:
@@ -213,29 +272,96 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download_from_gcs(source: ModelSource, cache_dir: Path, deadline: float, status: LoadStatus) -> FetchedModel:
-    """Download the object with the real client (crc32c verified, transient errors retried until `deadline`).
+def verify_sha256(settings: Settings, fetched: FetchedModel, model_sha256: str) -> tuple[FetchedFile, ...]:
+    """Check MODEL_SHA256: one digest covers the .onnx file (its data files are covered by the storage's crc32c
+    and the pinned generation); the manifest form `file=sha256,...` must name every file of the model.
 
-    Workers of one container share the download through a lock on the cache file, so N workers fetch once.
-    """
-    import google.auth.exceptions
-    from google.api_core import exceptions as gexc
+    Returns the data files, each with its sha256 when it was checked or known."""
+    expected = settings.sha256_by_file
+    model_name = fetched.path.name
+    if "" in expected:
+        expected = {model_name: expected[""]}
+    elif expected:
+        names = [model_name, *(f.name for f in fetched.data_files)]
+        unknown = sorted(set(expected) - set(names))
+        unlisted = [name for name in names if name not in expected]
+        if unknown or unlisted:
+            raise ModelLoadError(
+                f"MODEL_SHA256 must give the sha256 of every file of the model, {names}, and no other"
+                + (f"; it lists {unknown}, which the model does not use" if unknown else "")
+                + (f"; it has none for {unlisted}" if unlisted else "")
+            )
+    if expected.get(model_name, model_sha256) != model_sha256:
+        raise ModelLoadError(
+            f"sha256 mismatch: MODEL_SHA256 is {expected[model_name]} but {settings.model_uri} has {model_sha256}; "
+            "point MODEL_URI at the intended object (pin #GENERATION) or update MODEL_SHA256"
+        )
+    checked = []
+    for data in fetched.data_files:
+        if data.name in expected:
+            actual = data.sha256 or file_sha256(data.path)
+            if actual != expected[data.name]:
+                raise ModelLoadError(
+                    f"sha256 mismatch: MODEL_SHA256 gives {expected[data.name]} for the model's data file "
+                    f"{data.name!r} but it has {actual}; upload the intended file beside the model or update MODEL_SHA256"
+                )
+            data = dataclasses.replace(data, sha256=actual)
+        checked.append(data)
+    return tuple(checked)
+
+
+def data_file_names(model_path: Path, where: str) -> list[str]:
+    """The external data files the model names, each a path relative to the model's own folder."""
+    names = external_data_locations(model_path)
+    for name in names:
+        parts = PurePosixPath(name).parts
+        if not parts or name.startswith("/") or "\\" in name or ".." in parts:
+            raise ModelLoadError(
+                f"{where} keeps tensor data in {name!r}, outside its own folder; onnxruntime only reads external "
+                "data from beside the model: save the model with a relative location such as model.onnx.data"
+            )
+    return names
+
+
+def local_model(path: Path, progress: Progress) -> FetchedModel:
+    """A model on a local (or mounted) path, and the external data files beside it."""
+    data = []
+    for name in data_file_names(path, str(path)):
+        file = path.parent / name
+        if not file.is_file():
+            raise ModelLoadError(
+                f"the model's external data file {name!r} is missing: expected {file} beside {path.name}; "
+                "copy every file the model was saved with"
+            )
+        data.append(FetchedFile(name, file, file.stat().st_size))
+    size = path.stat().st_size
+    progress.add(path.name, size, size)
+    for file in data:
+        progress.add(file.name, file.size_bytes, file.size_bytes)
+    return FetchedModel(path, None, size, data_files=tuple(data))
+
+
+def storage_client():
+    """The google-cloud-storage client every read of the bucket goes through."""
     from google.cloud import storage
-    from google.api_core.retry import Retry
-    from google.cloud.storage.retry import DEFAULT_RETRY
 
-    def on_retry(exc: Exception) -> None:
-        status.attempts += 1
-        log.warning("storage not reachable yet, retrying: %s", exc, extra={"attempt": status.attempts})
+    client = storage.Client()
+    return client
 
-    # The client's own notion of a transient error, with our deadline and a log line per retry.
-    retry = Retry(
-        predicate=DEFAULT_RETRY._predicate, initial=0.5, maximum=10.0, multiplier=2.0, timeout=deadline, on_error=on_retry
-    )
+
+def download_from_gcs(source: ModelSource, cache_dir: Path, deadline: float, status: LoadStatus) -> FetchedModel:
+    """Download the model object and the external data files it names, beside it in the cache.
+
+    Each file is read at the generation its metadata showed (a concurrent overwrite cannot mix two objects),
+    crc32c verified and its transient errors retried until `deadline`; data files download in parallel.
+    Workers of one container share the download through a lock on the model's cache folder, so N workers
+    fetch once.
+    """
+    retry = _retry(deadline, status)
     where = f"gs://{source.bucket}/{source.name}" + (f"#{source.generation}" if source.generation else "")
-    try:
-        client = storage.Client()
-        blob = client.bucket(source.bucket).get_blob(source.name, generation=source.generation, retry=retry, timeout=30)
+    with storage_errors(where, source.bucket, deadline):
+        bucket = storage_client().bucket(source.bucket)
+        blob = bucket.get_blob(source.name, generation=source.generation, retry=retry, timeout=30)
         if blob is None:
             raise ModelLoadError(
                 f"{where} does not exist: check MODEL_URI (bucket, object path, #generation) "
@@ -246,26 +372,69 @@ def download_from_gcs(source: ModelSource, cache_dir: Path, deadline: float, sta
                 f"{where} does not exist (the object's generation is {blob.generation}): "
                 "pin an existing generation in MODEL_URI, or drop #GENERATION to serve the current object"
             )
-        generation, size = blob.generation, blob.size  # a download rewrites the blob's properties from headers
-        cache_dir.mkdir(parents=True, exist_ok=True)
         key = hashlib.sha256(f"{source.bucket}/{source.name}".encode()).hexdigest()[:16]
-        target = cache_dir / f"{key}-{generation}.onnx"
-        with _locked(target.with_suffix(".lock")):
-            if target.is_file() and target.stat().st_size == size:
-                log.info("model found in cache", extra={"path": str(target)})
-                return FetchedModel(target, generation, size)
-            partial = target.with_suffix(f".part-{os.getpid()}")
+        folder = cache_dir / f"{key}-{blob.generation}"
+        folder.mkdir(parents=True, exist_ok=True)
+        name = PurePosixPath(source.name).name
+        with _locked(folder.with_suffix(".lock")):
+            cache = _CacheRecord(folder)
             try:
-                with partial.open("wb") as file:
-                    hashing = _HashingWriter(file)
-                    # Pinning the generation read above means a concurrent overwrite cannot mix two objects.
-                    blob.download_to_file(
-                        hashing, checksum="crc32c", retry=retry, timeout=(10, 120), if_generation_match=generation
-                    )
-                partial.rename(target)
+                model = cache.fetch(blob, name, status.progress, retry)
+                blobs = _data_file_blobs(bucket, source, data_file_names(model.path, where), retry, status.progress)
+                if blobs:
+                    status.step = f"downloading {len(blobs)} external data file(s)"
+
+                def fetch_data(item: tuple[str, Any]) -> FetchedFile:
+                    data_name, data_blob = item
+                    with storage_errors(f"gs://{source.bucket}/{data_blob.name}", source.bucket, deadline):
+                        return cache.fetch(data_blob, data_name, status.progress, retry)
+
+                with ThreadPoolExecutor(max_workers=min(8, len(blobs) or 1), thread_name_prefix="download") as pool:
+                    data = tuple(pool.map(fetch_data, blobs))
             finally:
-                partial.unlink(missing_ok=True)
-        return FetchedModel(target, generation, target.stat().st_size, hashing.digest.hexdigest())
+                cache.save()
+        return FetchedModel(model.path, model.generation, model.size_bytes, model.sha256, data)
+
+
+def _data_file_blobs(bucket: Any, source: ModelSource, names: list[str], retry: Any, progress: Progress) -> list:
+    """(name, blob) of each external data file, read beside the model's object; each registered for progress."""
+    blobs = []
+    for name in names:
+        object_name = str(PurePosixPath(source.name).parent / name).removeprefix("./")
+        blob = bucket.get_blob(object_name, retry=retry, timeout=30)
+        if blob is None:
+            raise ModelLoadError(
+                f"the model's external data file {name!r} is missing: expected gs://{source.bucket}/{object_name} "
+                f"beside gs://{source.bucket}/{source.name}; upload every file the model was saved with"
+            )
+        progress.add(name, blob.size)
+        blobs.append((name, blob))
+    return blobs
+
+
+def _retry(deadline: float, status: LoadStatus | None = None):
+    from google.api_core.retry import Retry
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    def on_retry(exc: Exception) -> None:
+        if status:
+            status.attempts += 1
+        log.warning("storage not reachable yet, retrying: %s", exc, extra={"attempt": status and status.attempts})
+
+    # The client's own notion of a transient error, with our deadline and a log line per retry.
+    return Retry(
+        predicate=DEFAULT_RETRY._predicate, initial=0.5, maximum=10.0, multiplier=2.0, timeout=deadline, on_error=on_retry
+    )
+
+
+@contextlib.contextmanager
+def storage_errors(where: str, bucket: str | None, deadline: float) -> Iterator[None]:
+    """Cloud Storage's exceptions as a ModelLoadError that says what to change."""
+    import google.auth.exceptions
+    from google.api_core import exceptions as gexc
+
+    try:
+        yield
     except google.auth.exceptions.DefaultCredentialsError as exc:
         raise ModelLoadError(
             f"no Google credentials to read {where}: on Cloud Run give the service a runtime service account; "
@@ -273,7 +442,7 @@ def download_from_gcs(source: ModelSource, cache_dir: Path, deadline: float, sta
         ) from None
     except gexc.Forbidden as exc:
         raise ModelLoadError(
-            f"permission denied reading {where}: grant roles/storage.objectViewer on bucket {source.bucket} "
+            f"permission denied reading {where}: grant roles/storage.objectViewer on bucket {bucket} "
             f"to the runtime service account ({exc.message})"
         ) from None
     except gexc.NotFound:
@@ -283,21 +452,64 @@ def download_from_gcs(source: ModelSource, cache_dir: Path, deadline: float, sta
             f"Cloud Storage not reachable for {deadline:.0f}s (MODEL_LOAD_DEADLINE) while fetching {where}: "
             f"{exc.cause}"
         ) from None
+    except ModelLoadError:
+        raise
     except Exception as exc:
-        if isinstance(exc, ModelLoadError):
-            raise
         # A DataCorruption (checksum) or a transport error that outlived the retries.
         raise ModelLoadError(f"download of {where} failed: {type(exc).__name__}: {exc}") from None
 
 
-class _HashingWriter:
-    """The download's file, hashing what is written to it: the sha256 comes with the download, not a second read."""
+class _CacheRecord:
+    """The files of one model generation in the cache folder, and beside it (FOLDER.json) the generation, size and
+    sha256 each was fetched at: a data file overwritten in the bucket is fetched again, a cached one not re-hashed."""
 
-    def __init__(self, file: BinaryIO):
+    def __init__(self, folder: Path):
+        self.folder, self.path = folder, folder.with_suffix(".json")
+        try:
+            self.files: dict[str, dict[str, Any]] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.files = {}
+
+    def fetch(self, blob: Any, name: str, progress: Progress, retry: Any) -> FetchedFile:
+        generation, size = blob.generation, blob.size  # a download rewrites the blob's properties from headers
+        target = self.folder / name
+        known = self.files.get(name, {})
+        if known.get("generation") == generation and target.is_file() and target.stat().st_size == size:
+            log.info("model found in cache", extra={"path": str(target)})
+            progress.add(name, size, size)
+            return FetchedFile(name, target, size, generation, known.get("sha256"))
+        progress.add(name, size)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{target.name}.part-{os.getpid()}")
+        try:
+            with partial.open("wb") as file:
+                writer = _HashingWriter(file, progress, name)
+                # Pinning the generation read above means a concurrent overwrite cannot mix two objects.
+                blob.download_to_file(
+                    writer, checksum="crc32c", retry=retry, timeout=(10, 120), if_generation_match=generation
+                )
+            partial.rename(target)
+        finally:
+            partial.unlink(missing_ok=True)
+        sha256 = writer.digest.hexdigest()
+        self.files[name] = {"generation": generation, "size": size, "sha256": sha256}
+        return FetchedFile(name, target, size, generation, sha256)
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.files))
+
+
+class _HashingWriter:
+    """The download's file, hashing what is written to it and counting it for /health: the sha256 comes with the
+    download, not a second read."""
+
+    def __init__(self, file: BinaryIO, progress: Progress, name: str):
         self.file, self.digest = file, hashlib.sha256()
+        self.progress, self.name = progress, name
 
     def write(self, data: bytes) -> int:
         self.digest.update(data)
+        self.progress.done[self.name] += len(data)
         return self.file.write(data)
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
@@ -305,6 +517,7 @@ class _HashingWriter:
         if (offset, whence) != (0, os.SEEK_SET):
             raise io.UnsupportedOperation(f"seek({offset}, {whence}) while hashing a download")
         self.digest = hashlib.sha256()
+        self.progress.done[self.name] = 0
         self.file.truncate(0)
         return self.file.seek(0)
 
@@ -322,7 +535,7 @@ class _locked:
         os.close(self.fd)
 
 
-def open_session(path: Path, settings: Settings) -> onnxruntime.InferenceSession:
+def open_session(path: Path, settings: Settings, external_data: bool = False) -> onnxruntime.InferenceSession:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -332,7 +545,11 @@ def open_session(path: Path, settings: Settings) -> onnxruntime.InferenceSession
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.ort_allow_spinning else "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Opened by path, onnxruntime memory-maps external data files from beside the model (the cache) rather
+    # than reading them into memory; prepacking would copy the weights again, so it is off for such models.
     model: str | bytes = str(path)
+    if external_data:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     if path.stat().st_size >= LARGE_MODEL_BYTES:
         by_reference = with_weights_by_reference(path, MAPPED_INITIALIZER_BYTES)
         if by_reference:
@@ -348,14 +565,64 @@ def open_session(path: Path, settings: Settings) -> onnxruntime.InferenceSession
         ) from None
 
 
-def warm_up(session: onnxruntime.InferenceSession, inputs: tuple[TensorSpec, ...]) -> None:
-    """One inference on zeros shaped from the model's own metadata, so the first request pays no set-up cost."""
-    feeds = {}
-    for spec in inputs:
-        if spec.dtype is None:
-            raise ModelLoadError(f"input {spec.name!r} has type {spec.ort_type}, which the service cannot accept")
-        feeds[spec.name] = np.zeros([d if isinstance(d, int) else 1 for d in spec.shape], dtype=spec.dtype)
+def warm_up(
+    session: onnxruntime.InferenceSession, inputs: tuple[TensorSpec, ...], settings: Settings
+) -> tuple[str | None, dict[str, np.ndarray] | None]:
+    """One inference before the model is reported ready, so the first request pays no set-up cost.
+
+    With WARMUP_INPUT, the user's own example, whose failure is a load failure. Without it, a guess (zeros, or
+    empty strings, with every free dimension 1) that some good models refuse (a minimum input length, a sample
+    rate of 0): its failure is returned as a warning and the model is served. Returns (warning, the feeds that
+    ran: an input the model is known to take, which the batching self-test shapes its rows after).
+    """
+    if settings.warmup_input:
+        feeds = warmup_feeds(settings.warmup_input, inputs, settings)
+        try:
+            session.run(None, feeds)
+        except Exception as exc:
+            raise ModelLoadError(f"the model failed its warm-up inference on WARMUP_INPUT: {exc}") from None
+        return None, feeds
+    feeds = {spec.name: _guessed_input(spec) for spec in inputs}
     try:
         session.run(None, feeds)
     except Exception as exc:
-        raise ModelLoadError(f"the model failed a warm-up inference on zero inputs: {exc}") from None
+        shapes = ", ".join(f"{name} {list(value.shape)}" for name, value in feeds.items())
+        return (
+            f"the guessed warm-up ({shapes} of zeros) failed, so the first request pays the set-up cost; "
+            f"set WARMUP_INPUT to a real example to warm up (and check) the model: {exc}"
+        ), None
+    return None, feeds
+
+
+def _guessed_input(spec: TensorSpec) -> np.ndarray:
+    shape = [d if isinstance(d, int) else 1 for d in spec.shape]
+    if spec.dtype is not None and spec.dtype.kind == "O":
+        return np.full(shape, "", dtype=object)
+    return np.zeros(shape, dtype=spec.dtype)
+
+
+def warmup_feeds(example: str, inputs: tuple[TensorSpec, ...], settings: Settings) -> dict[str, np.ndarray]:
+    """WARMUP_INPUT, a /predict body given inline, as a local path or as a gs:// object, as the model's feeds."""
+    from service.payload import BadRequest, decode_inputs  # payload depends on this module, not this on it
+
+    example = example.strip()
+    if example.startswith("{"):
+        body, where = example.encode(), "WARMUP_INPUT"
+    elif example.startswith("gs://"):
+        source = parse_model_uri(example)
+        where = f"WARMUP_INPUT {example}"
+        with storage_errors(example, source.bucket, settings.model_load_deadline):
+            blob = storage_client().bucket(source.bucket).blob(source.name, generation=source.generation)
+            body = blob.download_as_bytes(retry=_retry(settings.model_load_deadline), timeout=(10, 120))
+    else:
+        where = f"WARMUP_INPUT {example}"
+        try:
+            body = Path(example).expanduser().read_bytes()
+        except OSError as exc:
+            raise ModelLoadError(
+                f"{where} cannot be read ({exc.strerror}): give a /predict JSON body, a file or a gs:// object"
+            ) from None
+    try:
+        return decode_inputs(body, inputs)
+    except BadRequest as exc:
+        raise ModelLoadError(f"{where} is not a valid request for this model: {exc}") from None

@@ -127,3 +127,46 @@ def _varint_bytes(value: int) -> bytes:
 
 def _length_delimited(field_number: int, payload: bytes) -> bytes:
     return _varint_bytes(field_number << 3 | _LENGTH_DELIMITED) + _varint_bytes(len(payload)) + payload
+
+
+# Where tensors may sit in a model, by message: (field number, message the field holds).
+_GRAPH_NODE, _GRAPH_SPARSE_INITIALIZER = 1, 15
+_NODE_ATTRIBUTE = 5
+_ATTRIBUTE_TENSOR, _ATTRIBUTE_GRAPH, _ATTRIBUTE_TENSORS, _ATTRIBUTE_GRAPHS = 5, 6, 10, 11
+_ATTRIBUTE_SPARSE_TENSOR, _ATTRIBUTE_SPARSE_TENSORS = 22, 23
+_SPARSE_VALUES, _SPARSE_INDICES = 1, 2
+_CONTAINS = {
+    "model": {_MODEL_GRAPH: "graph"},
+    "graph": {_GRAPH_INITIALIZER: "tensor", _GRAPH_SPARSE_INITIALIZER: "sparse", _GRAPH_NODE: "node"},
+    "node": {_NODE_ATTRIBUTE: "attribute"},
+    "attribute": {
+        _ATTRIBUTE_TENSOR: "tensor", _ATTRIBUTE_TENSORS: "tensor", _ATTRIBUTE_GRAPH: "graph",
+        _ATTRIBUTE_GRAPHS: "graph", _ATTRIBUTE_SPARSE_TENSOR: "sparse", _ATTRIBUTE_SPARSE_TENSORS: "sparse",
+    },
+    "sparse": {_SPARSE_VALUES: "tensor", _SPARSE_INDICES: "tensor"},
+}  # fmt: skip
+
+
+def external_data_locations(path: Path) -> list[str]:
+    """The files the model's tensors keep their data in (`location` of ONNX's external data), in order of first
+    use; the weights themselves are not read."""
+    locations: dict[str, None] = {}
+    try:
+        with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            _collect(data, "model", 0, len(data), locations)
+    except (ValueError, IndexError):  # an empty file, or not a protobuf: onnxruntime reports what is wrong with it
+        return []
+    return list(locations)
+
+
+def _collect(data: mmap.mmap, kind: str, start: int, end: int, locations: dict[str, None]) -> None:
+    for field, wire, _, value_start, field_end in _fields(data, start, end):
+        if wire != _LENGTH_DELIMITED:
+            continue
+        if kind == "tensor":
+            if field == _TENSOR_EXTERNAL_DATA:
+                entry = {key: bytes(data[s:e]) for key, _, _, s, e in _fields(data, value_start, field_end)}
+                if entry.get(1) == b"location" and 2 in entry:
+                    locations[entry[2].decode()] = None
+        elif field in _CONTAINS[kind]:
+            _collect(data, _CONTAINS[kind][field], value_start, field_end, locations)

@@ -40,6 +40,10 @@ INLINE_RUN_SECONDS = 0.0005
 class ModelRejected(Exception):
     """The model raised on this request's own input (onnxruntime's checks); a 4xx for that request only."""
 
+    def __init__(self, cause: Exception):
+        super().__init__(str(cause))
+        self.cause = cause
+
 
 @dataclass(frozen=True)
 class BatchPolicy:
@@ -152,7 +156,7 @@ class Scheduler:
         self._finish(loop, batch, results, started)
         ok, value = results[0]
         if not ok:
-            raise ModelRejected(str(value))
+            raise ModelRejected(value)
         return value
 
     def _release(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -250,7 +254,7 @@ class Scheduler:
             if ok:
                 pending.future.set_result(value)
             else:
-                pending.future.set_exception(ModelRejected(str(value)))
+                pending.future.set_exception(ModelRejected(value))
         self._release(loop)
 
     async def _run_alone(self, loop: asyncio.AbstractEventLoop, feeds: Feeds) -> list[Any]:
@@ -259,7 +263,7 @@ class Scheduler:
         try:
             outputs = await loop.run_in_executor(self.executor, context.run, self.runner, feeds)
         except Exception as exc:
-            raise ModelRejected(str(exc)) from None
+            raise ModelRejected(exc) from None
         rows = _rows(feeds) or 1
         self._count(rows, 1)
         if self.observer is not None:

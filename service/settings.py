@@ -6,6 +6,7 @@ worker is forked (gunicorn.conf.py loads them first).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -18,6 +19,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GS_URI = re.compile(r"^gs://(?P<bucket>[a-z0-9][a-z0-9._-]{1,220}[a-z0-9])/(?P<name>[^#]+?)(?:#(?P<generation>\d+))?$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+WARMUP_EXAMPLE = 'e.g. {"inputs": {"audio": [[0.0, 0.1, ...]]}}, or a path or gs:// object holding one'
+SHA256_MANIFEST = re.compile(r"^[^=,]+=[0-9a-fA-F]{64}(,[^=,]+=[0-9a-fA-F]{64})*$")
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,11 @@ class Settings(BaseSettings):
     )
     access_log: bool = Field(True, description="one JSON line per request (Cloud Run also keeps its own request log)")
 
+    # --- Models users bring (issue 11): a real warm-up example ---
+    warmup_input: str = Field(
+        "", description="a /predict JSON body (inline, a path or gs:// object) run before ready; its failure fails the load"
+    )
+
     @field_validator("log_level", "batching", mode="before")
     @classmethod
     def _lower_level(cls, value: object) -> object:
@@ -112,10 +120,37 @@ class Settings(BaseSettings):
     @field_validator("model_sha256")
     @classmethod
     def _valid_sha(cls, value: str) -> str:
-        value = value.strip().lower()
-        if value and not SHA256_HEX.match(value):
-            raise ValueError("MODEL_SHA256 must be 64 hex digits (the output of `sha256sum model.onnx`), or unset")
+        value = "".join(value.split())
+        if value and not SHA256_HEX.match(value.lower()) and not SHA256_MANIFEST.match(value):
+            raise ValueError(
+                "MODEL_SHA256 must be 64 hex digits (the output of `sha256sum model.onnx`), or for a model with "
+                "external data every file's: model.onnx=HEX,model.onnx.data=HEX; or unset"
+            )
+        return value.lower() if SHA256_HEX.match(value.lower()) else value
+
+    @field_validator("warmup_input")
+    @classmethod
+    def _valid_warmup(cls, value: str) -> str:
+        value = value.strip()
+        if value.startswith("{"):
+            try:
+                body = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"WARMUP_INPUT is not valid JSON ({exc}): give a /predict body, {WARMUP_EXAMPLE}")
+            if not isinstance(body, dict) or "inputs" not in body:
+                raise ValueError(f"WARMUP_INPUT must be a /predict body with an \"inputs\" key, {WARMUP_EXAMPLE}")
+        elif value.startswith("gs://") and not GS_URI.match(value):
+            raise ValueError("WARMUP_INPUT must be of the form gs://BUCKET/PATH/example.json (optionally #GENERATION)")
         return value
+
+    @property
+    def sha256_by_file(self) -> dict[str, str]:
+        """MODEL_SHA256 by file name; the key "" stands for the .onnx file, whatever its name."""
+        if not self.model_sha256:
+            return {}
+        if "=" not in self.model_sha256:
+            return {"": self.model_sha256}
+        return {name: digest.lower() for name, digest in (entry.split("=", 1) for entry in self.model_sha256.split(","))}
 
     @property
     def source(self) -> ModelSource:

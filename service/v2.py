@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 
 from service.model_store import TensorSpec
-from service.payload import BadRequest, check_shape, check_shared_dimensions, json_to_array
+from service.payload import BadRequest, check_shape, json_to_array
 
 PLATFORM = "onnx_onnxv1"
 EXTENSIONS = ["binary_tensor_data"]
@@ -106,7 +106,6 @@ def decode_request(body: bytes, header_length: str | None, specs: Sequence[Tenso
     missing = [name for name in names if name not in feeds]
     if missing:
         raise BadRequest(f"missing input {', '.join(map(repr, missing))}; the model's inputs are {names}", 400)
-    check_shared_dimensions(specs, feeds)
     request = InferRequest(feeds, request_id, binary_default=_flag(parameters, "binary_data_output", "request"))
     if document.get("outputs") is not None:
         _requested_outputs(document["outputs"], outputs, request)

@@ -89,12 +89,16 @@ def test_bad_input_gets_a_4xx_naming_the_input_and_the_expectation(demo, body, s
 @pytest.mark.parametrize(
     "inputs, fragments",
     [
-        ({"ids": [[1.5, 2, 3]], "scale": [[1.0]]}, ["'ids'", "non-integer", "int64"]),
+        ({"ids": [[1.5, 2, 3]], "scale": [[1.0]]}, ["'ids'", "with a fraction (such as 1.5)", "int64"]),
         ({"ids": [[1, 2, 3]], "scale": [[True]]}, ["'scale'", "booleans"]),
         ({"ids": [[1, 2, 3]], "scale": [[1.0]], "extra": [1]}, ["unknown input 'extra'"]),
         ([[1, 2, 3]], ["bare list", "['ids', 'scale']"]),
-        ({"ids": [[1, 2, 3], [4, 5, 6]], "scale": [[1.0]]}, ["'ids' and 'scale' share dimension 'N'", "2 and 1"]),
-        ({"ids": [[2**70, 2, 3]], "scale": [[1.0]]}, ["'ids'"]),
+        # onnxruntime cannot broadcast 3 rows of scale over 2 of ids: its error, said in terms of the inputs
+        ({"ids": [[1, 2, 3], [4, 5, 6]], "scale": [[1.0], [2.0], [3.0]]}, ["'ids' and 'scale' share dimension 'N'", "2 and 3"]),
+        ({"ids": [[2**70, 2, 3]], "scale": [[1.0]]}, ["'ids'", "e+21", "outside the int64 range"]),
+        ({"ids": [[-(2**64), 2, 3]], "scale": [[1.0]]}, ["'ids'", "outside the int64 range"]),
+        ({"ids": [[1, 2, 3]], "scale": [[1e39]]}, ["'scale'", "1e+39", "outside the float32 range"]),
+        ({"ids": [[1, 2, 3]], "scale": [[1, True]]}, ["'scale'", "booleans"]),
     ],
 )
 def test_dtype_and_structure_errors_on_a_two_input_model(two_inputs, inputs, fragments):
@@ -102,6 +106,23 @@ def test_dtype_and_structure_errors_on_a_two_input_model(two_inputs, inputs, fra
     assert 400 <= response.status_code < 500, response.text
     for fragment in fragments:
         assert fragment in response.json()["detail"]
+
+
+def test_what_onnxruntime_runs_is_not_refused_by_the_service(two_inputs, tmp_path):
+    # ids and scale share "N", but onnxruntime broadcasts 1 row of scale over 2 rows of ids: so does the service.
+    ids, scale = [[1, 2, 3], [4, 5, 6]], [[0.5]]
+    response = two_inputs.post("/predict", json={"inputs": {"ids": ids, "scale": scale}})
+    assert response.status_code == 200, response.text
+    (expected,) = reference_outputs(
+        two_input_model(tmp_path / "same.onnx"), {"ids": np.array(ids, np.int64), "scale": np.array(scale, np.float32)}
+    )
+    assert response.json()["outputs"]["out"] == expected.tolist()
+
+
+def test_whole_numbers_written_with_a_fraction_part_are_integers(two_inputs):
+    response = two_inputs.post("/predict", json={"inputs": {"ids": [[1.0, 2.0, 3e0]], "scale": [[2]]}})
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"]["out"] == [[2.0, 4.0, 6.0]]
 
 
 def test_body_over_the_limit_is_refused_with_413(demo_model):

@@ -48,9 +48,11 @@ def test_loads_from_gcs_goes_from_503_to_200_and_predicts_like_onnxruntime(emula
         assert status == 200
         assert body["model"] == {
             "uri": "gs://models-ok/demo/model.onnx", "generation": generation, "sha256": digest,
-            "size_bytes": demo_model.stat().st_size,
+            "size_bytes": demo_model.stat().st_size, "data_files": [],
         }
-        assert body["load_seconds"] > 0 and body["error"] is None
+        size = demo_model.stat().st_size
+        assert body["progress"] == {"bytes_done": size, "bytes_total": size, "files": 1, "files_done": 1}
+        assert body["load_seconds"] > 0 and body["error"] is None and body["warnings"] == []
         assert_predicts_like_onnxruntime(service, demo_model)
 
 
@@ -213,7 +215,7 @@ def test_workers_share_one_download(emulator, demo_model, tmp_path):
     assert messages.count("model loaded in") == 0  # formatted with the time
     assert sum(m.startswith("model loaded in") for m in messages) == 2
     assert messages.count("model found in cache") == 1
-    assert len(list(cache.glob("*.onnx"))) == 1
+    assert len(list(cache.rglob("*.onnx"))) == 1
 
 
 @pytest.mark.parametrize(

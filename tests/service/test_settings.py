@@ -36,6 +36,10 @@ def test_gcs_uris_parse_with_optional_generation(uri, bucket, name, generation):
         ({"MODEL_URI": "s3://b/model.onnx"}, ["MODEL_URI", "only gs://"]),
         ({"MODEL_URI": "/nonexistent/model.onnx"}, ["MODEL_URI", "existing local file"]),
         ({"MODEL_URI": DEMO, "MODEL_SHA256": "abc"}, ["MODEL_SHA256", "64 hex digits", "sha256sum"]),
+        ({"MODEL_URI": DEMO, "MODEL_SHA256": "model.onnx=abc"}, ["MODEL_SHA256", "model.onnx=HEX,model.onnx.data=HEX"]),
+        ({"MODEL_URI": DEMO, "WARMUP_INPUT": '{"inputs": [1,'}, ["WARMUP_INPUT", "not valid JSON", '{"inputs"']),
+        ({"MODEL_URI": DEMO, "WARMUP_INPUT": '{"instances": []}'}, ["WARMUP_INPUT", '"inputs" key']),
+        ({"MODEL_URI": DEMO, "WARMUP_INPUT": "gs://b"}, ["WARMUP_INPUT", "gs://BUCKET/PATH/example.json"]),
         ({"MODEL_URI": DEMO, "PORT": "http"}, ["PORT", "'http'"]),
         ({"MODEL_URI": DEMO, "PORT": "70000"}, ["PORT", "65535"]),
         ({"MODEL_URI": DEMO, "WEB_CONCURRENCY": "0"}, ["WEB_CONCURRENCY"]),
@@ -62,3 +66,11 @@ def test_threads_split_the_container_cpus_between_workers():
     many = load_settings({"MODEL_URI": DEMO, "WEB_CONCURRENCY": str(cpus * 2)})
     assert many.intra_op_threads == 1
     assert load_settings({"MODEL_URI": DEMO, "ORT_INTRA_OP_THREADS": "3"}).intra_op_threads == 3
+
+
+def test_model_sha256_is_one_digest_or_one_per_file():
+    digest, other = "ab" * 32, "cd" * 32
+    assert load_settings({"MODEL_URI": DEMO, "MODEL_SHA256": digest.upper()}).sha256_by_file == {"": digest}
+    manifest = load_settings({"MODEL_URI": DEMO, "MODEL_SHA256": f"model.onnx={digest}, weights/w.bin={other.upper()}"})
+    assert manifest.sha256_by_file == {"model.onnx": digest, "weights/w.bin": other}
+    assert load_settings({"MODEL_URI": DEMO}).sha256_by_file == {}

@@ -1,0 +1,93 @@
+"""The validation every protocol's codec shares (service/payload.py), called as the codecs call it."""
+
+import numpy as np
+import pytest
+
+from service.model_store import TensorSpec
+from service.payload import BadRequest, json_to_array, to_tensor
+
+
+def spec(ort_type: str, shape=("N",), name: str = "x") -> TensorSpec:
+    return TensorSpec(name, f"tensor({ort_type})", tuple(shape))
+
+
+@pytest.mark.parametrize(
+    "ort_type, value, dtype",
+    [
+        ("float", [1, 2.5, -3e38], np.float32),
+        ("double", [1e300], np.float64),
+        ("float16", [65504.0, -1], np.float16),
+        ("int64", [2**63 - 1, -(2**63), 7.0], np.int64),
+        ("uint64", [2**64 - 1, 0], np.uint64),
+        ("int8", [-128, 127], np.int8),
+        ("uint8", [0, 255.0], np.uint8),
+        ("bool", [True, False], np.bool_),
+        ("string", ["a", "", "ünïcode"], object),
+    ],
+)
+def test_every_value_the_dtype_holds_is_kept_exactly(ort_type, value, dtype):
+    array = json_to_array(value, spec(ort_type))
+    assert array.dtype == np.dtype(dtype)
+    assert array.tolist() == [dtype(v).item() if dtype is not object else v for v in value]
+
+
+@pytest.mark.parametrize(
+    "ort_type, value, fragments",
+    [
+        ("float", [1e39], ["'x' holds 1e+39", "outside the float32 range"]),
+        ("float16", [65536], ["65536", "outside the float16 range"]),
+        ("int64", [2**64], ["outside the int64 range"]),
+        ("uint64", [-1], ["-1", "outside the uint64 range"]),
+        ("int32", [2.5], ["fraction (such as 2.5)"]),
+        ("float", [1, True], ["booleans"]),
+        ("int64", [[1], [False]], ["booleans"]),
+        ("bool", [1, 0], ["numbers", "true/false"]),
+        ("string", ["a", 1], ["numbers", "JSON strings"]),
+        ("string", [["a"], ["b", "c"]], ["uneven lengths"]),
+        ("float", [[1.0], [2.0, 3.0]], ["uneven lengths"]),
+        ("float", [1.0, None], ["null"]),
+        ("float", {"a": 1}, ["objects"]),
+        ("float", ["1.0"], ["strings"]),
+    ],
+)
+def test_values_the_input_cannot_take_are_refused_naming_what_was_wrong(ort_type, value, fragments):
+    with pytest.raises(BadRequest) as refused:
+        json_to_array(value, spec(ort_type))
+    assert refused.value.status == 422
+    for fragment in ["input 'x'", *fragments]:
+        assert fragment in str(refused.value)
+
+
+def test_a_caller_that_knows_there_are_no_booleans_skips_the_search():
+    # The codec of /predict passes False when the body has no true/false; numpy then reads a boolean as a number.
+    assert json_to_array([1.0, True], spec("float"), may_hold_booleans=False).tolist() == [1.0, 1.0]
+
+
+def test_rank_0_and_free_dimensions():
+    assert to_tensor(2.5, spec("float", ())).shape == ()
+    assert to_tensor([[[1.0] * 6] * 4], spec("float", (1, "?", "?"))).shape == (1, 4, 6)
+    with pytest.raises(BadRequest, match="expected rank 0"):
+        to_tensor([2.5], spec("float", ()))
+
+
+def test_onnxruntime_refusing_an_input_becomes_a_4xx_naming_the_inputs(tmp_path):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from service.payload import rejected_by_model
+    from tests.support.models import _save
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["c"])], "add",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [dim]) for name, dim in (("a", "N"), ("b", "M"))],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, ["N"])],
+    )  # fmt: skip
+    session = ort.InferenceSession(str(_save(graph, tmp_path / "add.onnx")), providers=["CPUExecutionProvider"])
+    specs = (spec("float", ("N",), "a"), spec("float", ("M",), "b"))
+    feeds = {"a": np.ones(2, np.float32), "b": np.ones(3, np.float32)}
+    with pytest.raises(Exception) as failed:
+        session.run(None, feeds)
+    refusal = rejected_by_model(failed.value, specs, feeds)
+    assert refusal.status == 422
+    assert "inputs 'a' of shape [2], 'b' of shape [3]" in str(refusal) and "broadcast" in str(refusal)
+    assert "onnxruntime_src" not in str(refusal)
