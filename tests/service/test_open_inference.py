@@ -169,3 +169,28 @@ def test_not_ready_is_503_with_an_error_and_a_gcs_model_is_versioned_by_generati
         result = client.infer("classifier", [infer_input("features", ROWS, "FP32", True)], model_version=str(generation))
         assert result.get_response()["model_version"] == str(generation)
         np.testing.assert_allclose(result.as_numpy("logits"), reference_outputs(demo_model, {"features": ROWS})[0], rtol=1e-6)
+
+
+def test_string_tensors_travel_as_bytes_and_zipmap_outputs_as_json_documents(tmp_path):
+    from tests.support.zoo import string_pipeline
+
+    model = string_pipeline(tmp_path)
+    cities = np.array([["oslo"], ["lima"], ["paris"]], dtype=object)
+    label, probabilities = reference_outputs(model, {"city": cities})
+    with run_service(str(model), tmp_path, MODEL_NAME="cities") as service:
+        service.wait_state("ready")
+        client = triton.InferenceServerClient(f"127.0.0.1:{service.port}")
+        metadata = client.get_model_metadata("cities")
+        assert metadata["inputs"] == [{"name": "city", "datatype": "BYTES", "shape": [-1, 1]}]
+        for binary in (True, False):
+            outputs = [triton.InferRequestedOutput(name, binary_data=binary) for name in ("output_label", "output_probability")]
+            result = client.infer("cities", [infer_input("city", cities, "BYTES", binary)], outputs=outputs)
+            got = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("output_label")]
+            assert got == list(label)
+            documents = [json.loads(v) for v in result.as_numpy("output_probability")]
+            assert [{k: pytest.approx(p, rel=1e-6) for k, p in row.items()} for row in documents] == [
+                {k: pytest.approx(p, rel=1e-6) for k, p in row.items()} for row in probabilities
+            ]
+        numbers = httpx.post(service.url + "/v2/models/cities/infer",
+                             json={"inputs": [{"name": "city", "shape": [1, 1], "datatype": "BYTES", "data": [7]}]})
+        assert numbers.status_code == 400 and "city" in numbers.json()["error"]
