@@ -182,8 +182,11 @@ def sample_request(metadata: dict) -> dict:
 
     inputs = {}
     for spec in metadata["inputs"]:
-        dtype = np.dtype(spec["dtype"])
         shape = [d if isinstance(d, int) else 1 for d in spec["shape"]]
+        if spec["dtype"] == "string":
+            inputs[spec["name"]] = np.full(shape, "a", dtype=object).tolist()
+            continue
+        dtype = np.dtype(spec["dtype"])
         inputs[spec["name"]] = np.full(shape, FILL[dtype.kind], dtype=dtype).tolist()
     return {"inputs": inputs}
 
@@ -201,6 +204,9 @@ def predict_and_check(client: httpx.Client, url: str, metadata: dict, request: d
     for spec in metadata["outputs"]:
         if spec["name"] not in outputs:
             raise SmokeFailure(f"/predict left out output {spec['name']!r}")
+        if spec["dtype"].startswith(("seq(", "map(", "optional(")):  # skl2onnx's ZipMap: a list of {label: p}
+            shapes[spec["name"]] = [len(outputs[spec["name"]])] if isinstance(outputs[spec["name"]], list) else []
+            continue
         shape = list(np.shape(outputs[spec["name"]]))
         expected = spec["shape"]
         if len(shape) != len(expected) or any(isinstance(e, int) and e != s for e, s in zip(expected, shape)):

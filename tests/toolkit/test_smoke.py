@@ -133,3 +133,13 @@ def test_the_json_verdict_carries_the_load_figures(demo_model, tmp_path):
     assert result.load["bytes"] == demo_model.stat().st_size
     assert result.load["seconds"] == result.health["load_seconds"] > 0
     assert result.load["bytes_per_second"] == round(result.load["bytes"] / result.load["seconds"])
+
+
+def test_passes_on_a_string_input_model(tmp_path):
+    from tests.support.zoo import string_pipeline
+
+    with run_service(str(string_pipeline(tmp_path)), tmp_path) as service:
+        result = smoke.check(service.url, timeout=60, progress=None)
+    assert result.ok, result.reason
+    assert result.request == {"inputs": {"city": [["a"]]}}
+    assert result.outputs["output_label"] == [1]
