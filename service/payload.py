@@ -88,7 +88,13 @@ def json_to_array(value: Any, spec: TensorSpec) -> np.ndarray:
         info = np.iinfo(target)
         if array.min() < info.min or array.max() > info.max:
             raise BadRequest(f"input {spec.name!r} has values outside the {target} range [{info.min}, {info.max}]")
-    return array.astype(target, copy=False)
+    with np.errstate(over="ignore"):  # a number too large for the dtype becomes inf (JSON has none): refused below
+        result = array.astype(target, copy=False)
+    if target.kind == "f" and target.itemsize < array.dtype.itemsize and array.size and np.isinf(result).any():
+        info = np.finfo(target)
+        example = array[np.isinf(result)].flat[0].item()
+        raise BadRequest(f"input {spec.name!r} holds {example}, outside the {target} range [{info.min}, {info.max}]")
+    return result
 
 
 def check_shape(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
