@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     )
     access_log: bool = Field(True, description="one JSON line per request (Cloud Run also keeps its own request log)")
 
+    # --- API documentation (service/openapi.py) ---
+    docs: bool = Field(True, description="serve Swagger UI at /docs (/openapi.json is served either way)")
+
     @field_validator("log_level", "batching", mode="before")
     @classmethod
     def _lower_level(cls, value: object) -> object:
