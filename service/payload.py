@@ -80,6 +80,8 @@ def json_to_array(value: Any, spec: TensorSpec) -> np.ndarray:
         raise BadRequest(
             f"input {spec.name!r}: nested lists have uneven lengths; expected a {_expected(spec)}"
         ) from None
+    if array.dtype.kind == "f" and target.kind in "iu":
+        array = _whole_numbers(value, array, spec)
     if array.dtype.kind not in _ACCEPTS[target.kind]:
         found = {"U": "strings", "S": "strings", "O": "null or mixed values", "f": "non-integer numbers", "b": "booleans"}
         what = found.get(array.dtype.kind, str(array.dtype))
@@ -95,6 +97,18 @@ def json_to_array(value: Any, spec: TensorSpec) -> np.ndarray:
         example = array[np.isinf(result)].flat[0].item()
         raise BadRequest(f"input {spec.name!r} holds {example}, outside the {target} range [{info.min}, {info.max}]")
     return result
+
+
+def _whole_numbers(value: Any, array: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """JSON integers numpy could only hold as float64, losing digits (no integer dtype holds both -1 and 2**64 - 1),
+    as the input's dtype, exactly; any other float array as it is, to be refused as non-integer."""
+    items = np.asarray(value, dtype=object)
+    if not all(type(item) is int for item in items.flat):
+        return array
+    info = np.iinfo(spec.dtype)
+    if not all(info.min <= item <= info.max for item in items.flat):
+        raise BadRequest(f"input {spec.name!r} has values outside the {spec.dtype} range [{info.min}, {info.max}]")
+    return items.astype(spec.dtype)
 
 
 def check_shape(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
