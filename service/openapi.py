@@ -260,10 +260,7 @@ def route_operations(
 def v2_infer_operation(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], ready: bool, served: str) -> Schema:
     if ready:
         tensors: Schema = {
-            "type": "array",
-            "prefixItems": [v2_input_schema(spec) for spec in inputs],
-            "items": False,
-            "minItems": len(inputs),
+            **_tuple([v2_input_schema(spec) for spec in inputs]),
             "description": "every input of the model once: in the model's order here, the service takes any order",
         }
         wanted: Schema = {"enum": [spec.name for spec in outputs]}
@@ -331,7 +328,14 @@ def v2_infer_operation(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpe
 
 def _v2_shape(spec: TensorSpec) -> Schema:
     dims = [{"const": d} if isinstance(d, int) else {"type": "integer", "minimum": 0} for d in spec.shape]
-    return {"type": "array", "prefixItems": dims, "items": False, "minItems": len(dims)}
+    return _tuple(dims)
+
+
+def _tuple(items: list[Schema]) -> Schema:
+    """An array of exactly these items, in order (prefixItems may not be empty)."""
+    if not items:
+        return {"type": "array", "maxItems": 0}
+    return {"type": "array", "prefixItems": items, "items": False, "minItems": len(items)}
 
 
 def _v2_datatype(spec: TensorSpec) -> str:

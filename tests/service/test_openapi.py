@@ -26,7 +26,7 @@ from schemathesis.specs.openapi.checks import (
 
 from service.app import create_app
 from service.settings import load_settings
-from tests.support.models import DEMO_MODEL, two_input_model
+from tests.support.models import DEMO_MODEL, dtypes_model, two_input_model
 from tests.support.server import run_service
 
 INT64 = {"type": "integer", "format": "int64", "minimum": -(2**63), "maximum": 2**63 - 1}
@@ -45,6 +45,14 @@ def demo_service(tmp_path_factory):
 def two_input_service(tmp_path_factory):
     folder = tmp_path_factory.mktemp("two")
     with run_service(str(two_input_model(folder / "two.onnx")), folder) as service:
+        service.wait_state("ready")
+        yield service
+
+
+@pytest.fixture(scope="module")
+def dtypes_service(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dtypes")
+    with run_service(str(dtypes_model(folder / "dtypes.onnx")), folder) as service:
         service.wait_state("ready")
         yield service
 
@@ -92,6 +100,38 @@ def test_two_input_model_ids_are_int64_and_both_inputs_are_required(two_input_se
     answer = document["paths"]["/predict"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
     out = answer["properties"]["outputs"]["properties"]["out"]
     assert out["items"]["maxItems"] == 3 and out["items"]["items"]["type"] == ["number", "null"]
+
+
+def test_each_dtype_has_its_json_type_and_rank_0_is_a_bare_value(dtypes_service):
+    inputs = predict_body(schema_of(dtypes_service))["properties"]["inputs"]["properties"]
+    assert inputs["flag"]["items"] == {"type": "boolean"}
+    assert (inputs["big"]["minItems"], inputs["big"]["maxItems"]) == (2, 2)
+    assert inputs["big"]["items"]["maximum"] == 2**64 - 1 and inputs["big"]["items"]["minimum"] == 0
+    assert inputs["half"]["items"]["exclusiveMaximum"] == 65520.0  # 65519 rounds to 65504, 65520 to inf
+    assert inputs["scalar"]["type"] == "number"
+
+
+VALID = {"flag": [True], "small": [[0, 0]], "big": [0, 0], "half": [0.5], "scalar": 0.0}
+
+
+@pytest.mark.parametrize(
+    "name, at_bound, beyond",
+    [
+        ("small", [[-128, 127]], [[127, 128]]),
+        ("small", [[-128, 127]], [[-129, 0]]),
+        ("big", [0, 2**64 - 1], [0, 2**64]),
+        ("big", [0, 2**64 - 1], [-1, 0]),
+        ("half", [-65519], [65520]),
+        ("scalar", 3.4028235e38, FLOAT32_BOUND),
+    ],
+)
+def test_values_the_schema_allows_are_served_and_those_beyond_its_range_refused(dtypes_service, name, at_bound, beyond):
+    served = dtypes_service.predict({"inputs": {**VALID, name: at_bound}})
+    assert served.status_code == 200
+    if name in ("small", "big"):  # integers come back exactly as sent (the model is Identity)
+        assert served.json()["outputs"][f"{name}_out"] == at_bound
+    refused = dtypes_service.predict({"inputs": {**VALID, name: beyond}})
+    assert refused.status_code == 422 and repr(name) in refused.json()["detail"]
 
 
 def test_v2_infer_describes_each_input_with_its_datatype_and_shape(two_input_service):
@@ -179,13 +219,9 @@ def fuzz(service) -> tuple[list[str], list[str]]:
     return operations, failures
 
 
-def test_fuzzed_requests_to_the_demo_model_get_documented_answers(demo_service):
-    operations, failures = fuzz(demo_service)
+@pytest.mark.parametrize("service", ["demo_service", "two_input_service", "dtypes_service"])
+def test_fuzzed_requests_get_documented_answers(service, request):
+    operations, failures = fuzz(request.getfixturevalue(service))
     assert {"POST /predict", "POST /v2/models/{name}/infer", "GET /health"} <= set(operations)
-    assert not failures, "\n\n".join(failures)
-
-
-def test_fuzzed_requests_to_a_two_input_model_get_documented_answers(two_input_service):
-    operations, failures = fuzz(two_input_service)
     assert len(operations) == 12
     assert not failures, "\n\n".join(failures)
