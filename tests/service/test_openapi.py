@@ -34,27 +34,22 @@ INT64 = {"type": "integer", "format": "int64", "minimum": -(2**63), "maximum": 2
 FLOAT32_BOUND = 3.4028235677973366e38
 
 
-@pytest.fixture(scope="module")
-def demo_service(tmp_path_factory):
-    with run_service(str(DEMO_MODEL), tmp_path_factory.mktemp("demo")) as service:
-        service.wait_state("ready")
-        yield service
+def serving(make_model):
+    """A module-scoped fixture: the service (gunicorn) on the model `make_model(folder)` writes, once ready."""
+
+    @pytest.fixture(scope="module")
+    def service(tmp_path_factory):
+        folder = tmp_path_factory.mktemp("service")
+        with run_service(str(make_model(folder)), folder) as running:
+            running.wait_state("ready")
+            yield running
+
+    return service
 
 
-@pytest.fixture(scope="module")
-def two_input_service(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("two")
-    with run_service(str(two_input_model(folder / "two.onnx")), folder) as service:
-        service.wait_state("ready")
-        yield service
-
-
-@pytest.fixture(scope="module")
-def dtypes_service(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("dtypes")
-    with run_service(str(dtypes_model(folder / "dtypes.onnx")), folder) as service:
-        service.wait_state("ready")
-        yield service
+demo_service = serving(lambda folder: DEMO_MODEL)
+two_input_service = serving(lambda folder: two_input_model(folder / "two.onnx"))
+dtypes_service = serving(lambda folder: dtypes_model(folder / "dtypes.onnx"))
 
 
 def schema_of(service) -> dict:
