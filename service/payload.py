@@ -5,6 +5,7 @@ Every rejection is a `BadRequest` whose message names the input and what the mod
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Sequence
 
 import numpy as np
@@ -44,7 +45,9 @@ def decode_inputs(body: bytes, specs: Sequence[TensorSpec]) -> dict[str, np.ndar
     missing = [name for name in names if name not in inputs]
     if missing:
         raise BadRequest(f"missing input {', '.join(map(repr, missing))}; the model's inputs are {names}")
-    tensors = {spec.name: to_tensor(inputs[spec.name], spec) for spec in specs}
+    # A body without the words true and false holds no booleans: the search costs far less than looking for them.
+    may_hold_booleans = b"true" in body or b"false" in body
+    tensors = {spec.name: to_tensor(inputs[spec.name], spec, may_hold_booleans=may_hold_booleans) for spec in specs}
     check_shared_dimensions(specs, tensors)
     return tensors
 
@@ -64,13 +67,17 @@ def check_shared_dimensions(specs: Sequence[TensorSpec], tensors: dict[str, np.n
                 )
 
 
-def to_tensor(value: Any, spec: TensorSpec) -> np.ndarray:
+def to_tensor(value: Any, spec: TensorSpec, *, may_hold_booleans: bool = True) -> np.ndarray:
     """A JSON value (nested lists) as the input's tensor: values checked, then rank and fixed dimensions."""
-    return check_shape(json_to_array(value, spec), spec)
+    return check_shape(json_to_array(value, spec, may_hold_booleans=may_hold_booleans), spec)
 
 
-def json_to_array(value: Any, spec: TensorSpec) -> np.ndarray:
-    """JSON values as an array of the input's dtype; BadRequest for values the dtype cannot hold."""
+def json_to_array(value: Any, spec: TensorSpec, *, may_hold_booleans: bool = True) -> np.ndarray:
+    """JSON values as an array of the input's dtype; BadRequest for values the dtype cannot hold.
+
+    `may_hold_booleans=False` lets a caller who knows the JSON has no true/false skip looking for booleans mixed
+    with numbers (numpy turns [1, true] into [1, 1]).
+    """
     target = spec.dtype
     if target is None:
         raise BadRequest(f"input {spec.name!r} has type {spec.ort_type}, which the service cannot accept")
@@ -86,6 +93,8 @@ def json_to_array(value: Any, spec: TensorSpec) -> np.ndarray:
         found = {"U": "strings", "S": "strings", "O": "null or mixed values", "f": "non-integer numbers", "b": "booleans"}
         what = found.get(array.dtype.kind, str(array.dtype))
         raise BadRequest(f"input {spec.name!r} holds {what}; expected a {_expected(spec)}")
+    if target.kind != "b" and may_hold_booleans and _holds_booleans(value):
+        raise BadRequest(f"input {spec.name!r} holds booleans (true/false); expected a {_expected(spec)}")
     if target.kind in "iu" and array.size:
         info = np.iinfo(target)
         if array.min() < info.min or array.max() > info.max:
@@ -97,6 +106,17 @@ def json_to_array(value: Any, spec: TensorSpec) -> np.ndarray:
         example = array[np.isinf(result)].flat[0].item()
         raise BadRequest(f"input {spec.name!r} holds {example}, outside the {target} range [{info.min}, {info.max}]")
     return result
+
+
+def _holds_booleans(value: Any) -> bool:
+    """Whether nested lists of numbers hold a true or false that numpy turned into a number."""
+    if not isinstance(value, list) or not value:
+        return isinstance(value, bool)
+    if isinstance(value[0], list):
+        if value[0] and isinstance(value[0][0], list):
+            return any(_holds_booleans(row) for row in value)
+        return bool in set(map(type, itertools.chain.from_iterable(value)))
+    return bool in set(map(type, value))
 
 
 def _whole_numbers(value: Any, array: np.ndarray, spec: TensorSpec) -> np.ndarray:
