@@ -175,7 +175,7 @@ def predict_operation(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec
         }
         given = by_name
         if len(inputs) == 1 and inputs[0].shape:
-            given = {"anyOf": [by_name, nested_schema(inputs[0])], "description": "a one-input model also takes its tensor bare"}
+            given = {"anyOf": [by_name, nested_schema(inputs[0])], "description": "one input's tensor may come bare"}
         answer: Schema = {
             "type": "object",
             "properties": {spec.name: nested_schema(spec, output=True) for spec in outputs},
@@ -188,16 +188,17 @@ def predict_operation(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec
         answer = {"type": "object", "additionalProperties": ANY_TENSOR}
         example = {"inputs": {"<input name>": [[0.0]]}}
     body = {"type": "object", "required": ["inputs"], "properties": {"inputs": given}}
+    outputs_body = {"type": "object", "required": ["outputs"], "properties": {"outputs": answer}}
     return {
         "operationId": "predict",
         "summary": "Run the model",
         "description": "Body `{\"inputs\": {name: nested lists}}`; the answer `{\"outputs\": {name: nested lists}}`.",
         "requestBody": {"required": True, "content": {"application/json": {"schema": body, "example": example}}},
         "responses": {
-            "200": _json("The model's outputs", {"type": "object", "required": ["outputs"], "properties": {"outputs": answer}}),
+            "200": _json("The model's outputs", outputs_body),
             "400": _json("The body is not valid JSON", DETAIL),
             "413": _json("The body is over MAX_BODY_BYTES", DETAIL),
-            "422": _json("An input is missing, unknown, of the wrong type, range, rank or shape; the detail names it", DETAIL),
+            "422": _json("An input is missing, unknown, or of the wrong type, range or shape; the detail names it", DETAIL),
             "503": _refused(DETAIL),
         },
     }
@@ -222,17 +223,19 @@ def route_operations(
                                        "the model's version: its Cloud Storage generation, else 1")]  # fmt: skip
     infer = v2_infer_operation(inputs, outputs, ready, served)
     metadata = {
-        "200": _json("The model's metadata", {"$ref": "#/components/schemas/V2ModelMetadata"}),
+        "200": _json("The model's metadata", _ref("V2ModelMetadata")),
         "404": _json("No such model or version", ERROR),
         "503": _json("The model is not loaded (yet)", ERROR),
     }
     model_ready = {
-        "200": _json("The model is ready", {"$ref": "#/components/schemas/V2ModelReady"}),
+        "200": _json("The model is ready", _ref("V2ModelReady")),
         "404": _json("No such model or version", ERROR),
-        "503": _json("The model is not loaded (yet)", {"$ref": "#/components/schemas/V2ModelReady"}),
+        "503": _json("The model is not loaded (yet)", _ref("V2ModelReady")),
     }
     operations: dict[str, Schema] = {
-        "/v2/models/{name}/infer": {"post": {**infer, "operationId": "v2_infer", "parameters": [name, *infer["parameters"]]}},
+        "/v2/models/{name}/infer": {
+            "post": {**infer, "operationId": "v2_infer", "parameters": [name, *infer["parameters"]]}
+        },
         "/v2/models/{name}/versions/{version}/infer": {
             "post": {**infer, "operationId": "v2_infer_version", "parameters": [*versioned, *infer["parameters"]]}
         },
@@ -240,18 +243,18 @@ def route_operations(
     for path, parameters in [("/v2/models/{name}", [name]), ("/v2/models/{name}/versions/{version}", versioned)]:
         operations[path] = {"get": {"parameters": parameters, "responses": metadata}}
         operations[path + "/ready"] = {"get": {"parameters": parameters, "responses": model_ready}}
-    operations["/v2"] = {"get": {"responses": {"200": _json("The server's metadata", {"$ref": "#/components/schemas/V2ServerMetadata"})}}}
-    operations["/v2/health/live"] = {"get": {"responses": {"200": _json("The server is live", {"$ref": "#/components/schemas/V2Live"})}}}
+    operations["/v2"] = {"get": {"responses": {"200": _json("The server's metadata", _ref("V2ServerMetadata"))}}}
+    operations["/v2/health/live"] = {"get": {"responses": {"200": _json("The server is live", _ref("V2Live"))}}}
     operations["/v2/health/ready"] = {"get": {"responses": {
-        "200": _json("The model is loaded", {"$ref": "#/components/schemas/V2Ready"}),
-        "503": _json("The model is not loaded (yet)", {"$ref": "#/components/schemas/V2Ready"}),
+        "200": _json("The model is loaded", _ref("V2Ready")),
+        "503": _json("The model is not loaded (yet)", _ref("V2Ready")),
     }}}  # fmt: skip
     operations["/health"] = {"get": {"responses": {
-        "200": _json("The model is loaded", {"$ref": "#/components/schemas/Health"}),
-        "503": _json("The model is loading, or failed to load", {"$ref": "#/components/schemas/Health"}),
+        "200": _json("The model is loaded", _ref("Health")),
+        "503": _json("The model is loading, or failed to load", _ref("Health")),
     }}}  # fmt: skip
     operations["/metadata"] = {"get": {"responses": {
-        "200": _json("The model's inputs and outputs", {"$ref": "#/components/schemas/Metadata"}),
+        "200": _json("The model's inputs and outputs", _ref("Metadata")),
         "503": _refused(DETAIL),
     }}}  # fmt: skip
     return operations
@@ -267,8 +270,8 @@ def v2_infer_operation(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpe
         answered: Schema = {"anyOf": [v2_output_schema(spec) for spec in outputs]} if outputs else {}
         example = {"inputs": [v2_example(spec) for spec in inputs]}
     else:
-        tensors = {"type": "array", "items": {"$ref": "#/components/schemas/V2Tensor"}}
-        wanted, answered = {"type": "string"}, {"$ref": "#/components/schemas/V2Tensor"}
+        tensors = {"type": "array", "items": _ref("V2Tensor")}
+        wanted, answered = {"type": "string"}, _ref("V2Tensor")
         example = {"inputs": [{"name": "<input name>", "shape": [1, 1], "datatype": "FP32", "data": [0.0]}]}
     request = {
         "type": "object",
@@ -356,13 +359,14 @@ def v2_input_schema(spec: TensorSpec) -> Schema:
             "datatype": {"enum": [_v2_datatype(spec)]},
             "data": data,
             "parameters": {"type": "object", "properties": {"binary_data_size": {
-                "type": "integer", "minimum": 0, "description": "binary extension: the bytes of this input after the JSON"}}},
+                "type": "integer", "minimum": 0, "description": "binary extension: this input's bytes after the JSON"}}},
         },  # fmt: skip
     }
 
 
 def v2_output_schema(spec: TensorSpec) -> Schema:
     tensor = _is_tensor(spec)
+    rank = {"minItems": len(spec.shape), "maxItems": len(spec.shape), "description": spec.describe_shape()}
     return {
         "type": "object",
         "required": ["name", "datatype", "shape"],
@@ -370,8 +374,7 @@ def v2_output_schema(spec: TensorSpec) -> Schema:
             "name": {"const": spec.name},
             "datatype": {"enum": [_v2_datatype(spec)]},
             # Not prefixItems as in requests: schemathesis 4.32 rewrites them into a form its response check refuses.
-            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}, **({
-                "minItems": len(spec.shape), "maxItems": len(spec.shape), "description": spec.describe_shape()} if tensor else {})},
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}, **(rank if tensor else {})},
             "data": {"type": "array", "items": value_schema(spec, output=True) if tensor else {"type": "string"}},
             "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer", "minimum": 0}}},
         },
@@ -384,6 +387,10 @@ def v2_example(spec: TensorSpec) -> Schema:
 
 
 # --- shared pieces --------------------------------------------------------------------------------------------
+
+
+def _ref(component: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{component}"}
 
 
 def _path_parameter(name: str, schema: Schema, description: str) -> Schema:
@@ -401,13 +408,17 @@ def _refused(body: Schema) -> Schema:
     }
 
 
-DETAIL: Schema = {"$ref": "#/components/schemas/Detail"}
-ERROR: Schema = {"$ref": "#/components/schemas/Error"}
+DETAIL: Schema = _ref("Detail")
+ERROR: Schema = _ref("Error")
 _NULLABLE_STRING: Schema = {"type": ["string", "null"]}
 _V2_TENSOR_METADATA: Schema = {
     "type": "object",
     "required": ["name", "datatype", "shape"],
-    "properties": {"name": {"type": "string"}, "datatype": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}}},
+    "properties": {
+        "name": {"type": "string"},
+        "datatype": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer"}},
+    },
 }
 _TENSOR_METADATA: Schema = {
     "type": "object",
@@ -446,7 +457,7 @@ COMPONENTS: dict[str, Schema] = {
             }},  # fmt: skip
             "load_seconds": {"type": "number"},
             "error": {**_NULLABLE_STRING, "description": "why the load failed"},
-            "batching": {"$ref": "#/components/schemas/Batching"},
+            "batching": _ref("Batching"),
         },
     },
     "Metadata": {
@@ -457,7 +468,7 @@ COMPONENTS: dict[str, Schema] = {
                 "uri": {"type": "string"}, "generation": {"type": ["integer", "null"]}, "sha256": _NULLABLE_STRING}},
             "inputs": {"type": "array", "items": _TENSOR_METADATA},
             "outputs": {"type": "array", "items": _TENSOR_METADATA},
-            "batching": {"$ref": "#/components/schemas/Batching"},
+            "batching": _ref("Batching"),
         },  # fmt: skip
     },
     "V2Tensor": {
@@ -474,10 +485,18 @@ COMPONENTS: dict[str, Schema] = {
     "V2ServerMetadata": {
         "type": "object",
         "required": ["name", "version", "extensions"],
-        "properties": {"name": {"type": "string"}, "version": {"type": "string"}, "extensions": {"type": "array", "items": {"type": "string"}}},
+        "properties": {
+            "name": {"type": "string"},
+            "version": {"type": "string"},
+            "extensions": {"type": "array", "items": {"type": "string"}},
+        },
     },
     "V2Live": {"type": "object", "required": ["live"], "properties": {"live": {"type": "boolean"}}},
-    "V2Ready": {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}, "error": {"type": "string"}}},
+    "V2Ready": {
+        "type": "object",
+        "required": ["ready"],
+        "properties": {"ready": {"type": "boolean"}, "error": {"type": "string"}},
+    },
     "V2ModelReady": {
         "type": "object",
         "required": ["ready"],
