@@ -1,7 +1,8 @@
 """/openapi.json describes the model being served, /docs shows it, and a schema fuzzer finds the service true to it.
 
 The fuzzer (schemathesis) runs against the service as users run it (gunicorn, tests/support/server.py) with real
-models: the demo model (one float32 input, the bare-list form) and a two-input model with an int64 input.
+models: the demo model (one float32 input, the bare-list form), a two-input model with an int64 input, and a model
+with a bool, int8, uint64, float16 and rank-0 float32 input.
 """
 
 from __future__ import annotations
@@ -14,14 +15,7 @@ import schemathesis
 from schemathesis.core.failures import FailureGroup
 from schemathesis.generation.hypothesis.builder import HypothesisTestConfig, HypothesisTestMode, create_test
 from fastapi.testclient import TestClient
-from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (
-    content_type_conformance,
-    negative_data_rejection,
-    response_headers_conformance,
-    response_schema_conformance,
-    status_code_conformance,
-)
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from service.app import create_app
 from service.settings import load_settings
@@ -175,14 +169,11 @@ def test_docs_page_is_served_and_can_be_turned_off(demo_model):
 
 # --- the schema fuzzer ------------------------------------------------------------------------------------------
 
-CHECKS = [
-    not_a_server_error,
-    status_code_conformance,
-    content_type_conformance,
-    response_headers_conformance,
-    response_schema_conformance,
-    negative_data_rejection,
-]
+# Every built-in check of schemathesis but one: positive_data_acceptance expects a 2xx for any request the schema
+# allows, and JSON Schema cannot say what the service rightly refuses with a 4xx: inputs that share a dimension
+# ("N") of different sizes, a V2 `shape` whose product is not the number of `data` values, an
+# Inference-Header-Content-Length that is not the JSON part's length.
+UNCHECKED = [positive_data_acceptance]
 EXAMPLES, FUZZING = HypothesisTestMode.EXAMPLES, HypothesisTestMode.FUZZING
 FUZZ = hypothesis.settings(
     max_examples=10, deadline=None, derandomize=True, suppress_health_check=list(hypothesis.HealthCheck)
@@ -194,8 +185,8 @@ def fuzz(service) -> tuple[list[str], list[str]]:
 
     Each inference operation gets the three phases of `schemathesis run`: the schema's examples, coverage (values
     at and just beyond each bound, each type mutated) and fuzzing, with valid and invalid data; the others get
-    examples and fuzzing. The test is built as
-    schemathesis's pytest plugin builds it: its `from_fixture` loader fails under pytest 9 (`request.node._nodeid`).
+    examples and fuzzing. The test is built as schemathesis's pytest plugin builds it, whose `from_fixture` loader
+    fails under pytest 9 (it reads `request.node._nodeid`).
     """
     schema = schemathesis.openapi.from_url(service.url + "/openapi.json")
     operations, failures = [], []
@@ -207,7 +198,7 @@ def fuzz(service) -> tuple[list[str], list[str]]:
         config = HypothesisTestConfig(project=schema.config, modes=modes, settings=FUZZ)
 
         def call(case):
-            case.call_and_validate(checks=CHECKS, timeout=30)
+            case.call_and_validate(excluded_checks=UNCHECKED, timeout=30)
 
         try:
             create_test(operation=operation, test_func=call, config=config)()
