@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
-from service import logs, open_inference
+from service import logs, open_inference, openapi
 from service.model_store import LoadState, ModelStore
 from service.payload import BadRequest, decode_inputs, encode_outputs, rejected_by_model
 from service.scheduler import BatchPolicy, ModelRejected, Scheduler, batch_safety
@@ -79,6 +79,9 @@ def create_app(settings: Settings) -> InferenceApp:
     v2 = Endpoint(store, scheduler, executor, settings.max_body_bytes, open_inference.InferProtocol(store, settings))
     # Also routed in FastAPI, so that other methods get its 405 and "/predict/" its redirect.
     api.router.add_route("/predict", native, methods=["POST"])
+    for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
+        api.router.add_route(path, v2, methods=["POST"])
+    openapi.install(api, store, settings)
     return InferenceApp(api, native, v2, settings.access_log)
 
 

@@ -238,7 +238,18 @@ def _whole_numbers(value: Any, spec: TensorSpec, info: np.iinfo) -> np.ndarray:
             )
         if not info.min <= number <= info.max:
             raise _out_of_range(spec, info.min, info.max, number)
+        if isinstance(number, float) and abs(number) > _EXACT_FLOAT:
+            # A float this large stands for many integers: 1e19, or an integer beyond 64 bits that the JSON
+            # parser could only read as a float (-2**63 - 1 reads as -2**63). Which one was meant is lost.
+            raise BadRequest(
+                f"input {spec.name!r} holds {number!r}, a number too large to be read exactly as a whole number; "
+                f"write it as an integer (no fraction or exponent) within the {spec.dtype_name} range "
+                f"[{info.min}, {info.max}]"
+            )
     return exact.astype(spec.dtype)
+
+
+_EXACT_FLOAT = 2**53  # floats up to this are whole numbers exactly; beyond it they stand for several
 
 
 def _holds_booleans(value: Any) -> bool:

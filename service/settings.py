@@ -98,6 +98,9 @@ class Settings(BaseSettings):
         "", description="a /predict JSON body (inline, a path or gs:// object) run before ready; its failure fails the load"
     )
 
+    # --- API documentation (service/openapi.py) ---
+    docs: bool = Field(True, description="serve Swagger UI at /docs (/openapi.json is served either way)")
+
     @field_validator("log_level", "batching", mode="before")
     @classmethod
     def _lower_level(cls, value: object) -> object:

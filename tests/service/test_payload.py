@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from service.model_store import TensorSpec
-from service.payload import BadRequest, json_to_array, to_tensor
+from service.payload import BadRequest, decode_inputs, json_to_array, to_tensor
 
 
 def spec(ort_type: str, shape=("N",), name: str = "x") -> TensorSpec:
@@ -91,3 +91,12 @@ def test_onnxruntime_refusing_an_input_becomes_a_4xx_naming_the_inputs(tmp_path)
     assert refusal.status == 422
     assert "inputs 'a' of shape [2], 'b' of shape [3]" in str(refusal) and "broadcast" in str(refusal)
     assert "onnxruntime_src" not in str(refusal)
+
+
+@pytest.mark.parametrize("text", [b"-9223372036854775809", b"9223372036854775808", b"1e19", b"4.5e18"])
+def test_an_integer_the_json_parser_can_only_read_as_an_inexact_float_is_refused(text):
+    # orjson reads integers beyond 64 bits as floats: -2**63 - 1 would silently become -2**63.
+    spec = TensorSpec("ids", "tensor(int64)", ("N", 2))
+    with pytest.raises(BadRequest) as raised:
+        decode_inputs(b'{"inputs": [[' + text + b", 0]]}", [spec])
+    assert "'ids'" in str(raised.value) and ("write it as an integer" in str(raised.value) or "range" in str(raised.value))

@@ -176,3 +176,22 @@ def scalar_input_model(path: Path) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
     )
     return _save(graph, path)
+
+
+def dtypes_model(path: Path) -> Path:
+    """One input of each kind of JSON value, each returned as it came (Identity): flag bool [N], small int8 [N, 2],
+    big uint64 [2], half float16 [N], scalar float32 [] (rank 0); outputs "<input>_out"."""
+    kinds = {
+        "flag": (TensorProto.BOOL, ["N"]),
+        "small": (TensorProto.INT8, ["N", 2]),
+        "big": (TensorProto.UINT64, [2]),
+        "half": (TensorProto.FLOAT16, ["N"]),
+        "scalar": (TensorProto.FLOAT, []),
+    }
+    graph = helper.make_graph(
+        [helper.make_node("Identity", [name], [f"{name}_out"]) for name in kinds],
+        "dtypes",
+        [helper.make_tensor_value_info(name, kind, shape) for name, (kind, shape) in kinds.items()],
+        [helper.make_tensor_value_info(f"{name}_out", kind, shape) for name, (kind, shape) in kinds.items()],
+    )
+    return _save(graph, path)
