@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import gc
 import logging
 import os
 import threading
@@ -48,6 +49,7 @@ def create_app(settings: Settings) -> InferenceApp:
         log.info("batching %s", scheduler.policy.reason)
 
     store.after_load.append(("batching self-test", decide_batching))
+    store.after_load.append(("freezing start-up objects", _freeze_heap))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -83,6 +85,14 @@ def create_app(settings: Settings) -> InferenceApp:
         api.router.add_route(path, v2, methods=["POST"])
     openapi.install(api, store, settings)
     return InferenceApp(api, native, v2, settings.access_log)
+
+
+def _freeze_heap() -> None:
+    """Move everything the start-up made (modules, FastAPI, the model's metadata) out of the garbage collector's
+    reach: a full collection then walks only what requests allocate, instead of pausing every request in flight
+    for tens of milliseconds now and then (it shows in p99)."""
+    gc.collect()
+    gc.freeze()
 
 
 class InferenceApp:
