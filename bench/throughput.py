@@ -1,15 +1,15 @@
-"""Throughput and latency of POST /predict at several concurrencies, against the bare ASGI floor app.
-
-Both servers run at once (the idle one costs nothing) and take turns, in alternating order, so drift in the
-machine's load falls on both alike.
-"""
+"""Throughput and latency of POST /predict at several concurrencies: the service, the bare ASGI floor app and the
+peers, each on the same load generator, one row per request."""
 
 from __future__ import annotations
 
 import statistics
+from collections import defaultdict
 from dataclasses import dataclass
+from typing import Callable, ContextManager
 
 from bench.loadgen import LoadResult, request_bytes, run_load
+from bench.servers import Server
 
 
 @dataclass(frozen=True)
@@ -38,18 +38,28 @@ def summarize(results: list[LoadResult]) -> LoadFigures:
 
 
 def measure(
-    ports: dict[str, int], body: bytes, clients: int, seconds: float, warmup: float, reps: int, progress
-) -> dict[str, LoadFigures]:
-    """{name: figures} for each server in `ports`, `reps` runs each of `seconds` after `warmup`."""
+    starters: dict[str, Callable[[], ContextManager[Server]]], body: bytes, concurrencies: tuple[int, ...],
+    seconds: float, warmup: float, reps: int, progress,
+) -> tuple[dict[tuple[str, int], LoadFigures], dict[str, str]]:
+    """{(server, clients): figures} and {server: its event loop and HTTP parser}.
+
+    Each server runs alone in its turn (started, measured at every concurrency, stopped), so no idle peer takes
+    CPU from it (LitServe's processes poll even when idle); the order alternates between repetitions.
+    """
     request = request_bytes("POST", "/predict", body)
-    results: dict[str, list[LoadResult]] = {name: [] for name in ports}
+    results: dict[tuple[str, int], list[LoadResult]] = defaultdict(list)
+    runtimes: dict[str, str] = {}
     for rep in range(reps):
-        order = list(ports) if rep % 2 == 0 else list(reversed(ports))
+        order = list(starters) if rep % 2 == 0 else list(reversed(starters))
         for name in order:
-            result = run_load(ports[name], request, clients, seconds, warmup)
-            results[name].append(result)
-            progress(
-                f"  {clients:>2} clients, {name:<7} run {rep + 1}/{reps}: {result.requests_per_second:,.0f} req/s, "
-                f"{result.errors} errors, load generator {result.cpu_share:.0%} of a core"
-            )
-    return {name: summarize(runs) for name, runs in results.items()}
+            with starters[name]() as server:
+                server.wait_ready()
+                runtimes[name] = server.runtime()
+                for clients in concurrencies:
+                    result = run_load(server.port, request, clients, seconds, warmup)
+                    results[name, clients].append(result)
+                    progress(
+                        f"  {clients:>2} clients, {name:<12} run {rep + 1}/{reps}: {result.requests_per_second:,.0f} "
+                        f"req/s, {result.errors} errors, load generator {result.cpu_share:.0%} of a core"
+                    )
+    return {key: summarize(runs) for key, runs in results.items()}, runtimes
