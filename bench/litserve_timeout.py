@@ -27,7 +27,9 @@ def main(timeouts: tuple[float, ...], seconds: float = 3, warmup: float = 1) -> 
             for timeout in timeouts
         }
         print(f"{model.label}:")
-        got, _ = throughput.measure(starters, model.body(), run.CONCURRENCY, seconds, warmup, 1, print)
+        got, _ = throughput.measure(
+            starters, model.body(), run.CONCURRENCY, seconds, warmup, 1, print, alone=tuple(starters)
+        )
         for timeout in timeouts:
             rps[timeout] += [got[f"{timeout:g} s", clients].requests_per_second for clients in run.CONCURRENCY]
     means = {timeout: statistics.geometric_mean(values) for timeout, values in rps.items()}

@@ -99,7 +99,9 @@ class LoadRow:
     p50: float
     p99: float
     errors: int
-    loadgen_cpu_share: float
+    server_cpu_share: float  # CPU used while the load ran, in cores: the server (all its processes), the load
+    loadgen_cpu_share: float  # generator and every other process on the machine
+    others_cpu_share: float
     floor_requests_per_second: float
     floor_p99: float
     targets: list[str] = field(default_factory=list)
@@ -123,14 +125,14 @@ class LoadRow:
 
 def side_by_side(rows: list[LoadRow]) -> str:
     header = ("model", "clients", "server", "req/s", "p50", "p99", "errors", "req/s vs floor", "p99 vs floor",
-              "load gen CPU", "target", "met?")  # fmt: skip
+              "CPU: server / load gen / others", "target", "met?")  # fmt: skip
     cells = [header]
     for r in rows:
         met = {True: "yes", False: "NO: " + ", ".join(r.misses), None: ""}[r.met]
         cells.append((
             r.model, str(r.clients), r.server, show(r.requests_per_second, "req/s").removesuffix(" req/s"),
             show(r.p50, "ms"), show(r.p99, "ms"), str(r.errors), f"{r.rps_ratio:.2f}x", f"{r.p99_ratio:.2f}x",
-            f"{r.loadgen_cpu_share:.0%}", "; ".join(r.targets), met,
+            f"{r.server_cpu_share:.2f} / {r.loadgen_cpu_share:.2f} / {r.others_cpu_share:.2f}", "; ".join(r.targets), met,
         ))  # fmt: skip
     return _markdown(cells)
 

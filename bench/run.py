@@ -36,6 +36,8 @@ LITSERVE_MAX_BATCH_SIZE = 64
 LITSERVE_BATCH_TIMEOUT = 0.001
 # A single-threaded load generator near one full core is the bottleneck: its figures then understate the server.
 LOADGEN_SATURATED = 0.8
+# Other processes using more than this many cores during a run make its figures noisy (said under the table).
+NOISY_OTHERS = 0.5
 
 
 @dataclass(frozen=True)
@@ -176,7 +178,7 @@ def load_rows(
     loop and HTTP parser."""
     progress(
         f"throughput: {plan.load_reps} runs of {plan.load_seconds:g} s (after {plan.load_warmup:g} s warm-up) per "
-        f"model, concurrency and server, medians; each server alone in its turn"
+        f"model, concurrency and server, medians; LitServe runs only in its own turns"
     )
     rows, runtimes = [], {}
     for model in load_models:
@@ -189,14 +191,16 @@ def load_rows(
         }
         progress(f"  {model.label}:")
         got, runtimes = throughput.measure(
-            starters, model.body(), CONCURRENCY, plan.load_seconds, plan.load_warmup, plan.load_reps, progress
+            starters, model.body(), CONCURRENCY, plan.load_seconds, plan.load_warmup, plan.load_reps, progress,
+            alone=(LITSERVE,),
         )
         for clients in CONCURRENCY:
             floor = got[FLOOR, clients]
             for name in starters:
                 ours = got[name, clients]
                 row = LoadRow(model.label, clients, name, ours.requests_per_second, ours.p50, ours.p99, ours.errors,
-                              ours.loadgen_cpu_share, floor.requests_per_second, floor.p99)  # fmt: skip
+                              ours.server_cpu_share, ours.loadgen_cpu_share, ours.others_cpu_share,
+                              floor.requests_per_second, floor.p99)  # fmt: skip
                 if name == SERVICE:
                     judge_service(row, model.key, [got[peer, clients] for peer in PEERS])
                 rows.append(row)
@@ -224,11 +228,13 @@ def judge_service(row: LoadRow, model_key: str, peers: list[throughput.LoadFigur
 
 def load_notes(rows: list[LoadRow], runtimes: dict[str, str]) -> str:
     busiest = max(rows, key=lambda r: r.loadgen_cpu_share)
-    share = f"{busiest.loadgen_cpu_share:.0%} of one core ({busiest.server}, {busiest.model}, {busiest.clients} clients)"
+    clients = f"{busiest.clients} client{'s' if busiest.clients > 1 else ''}"
+    share = f"{busiest.loadgen_cpu_share:.0%} of one core ({busiest.server}, {busiest.model}, {clients})"
     if busiest.loadgen_cpu_share >= LOADGEN_SATURATED:
         loadgen = f"NEAR SATURATION: up to {share}; rows near that understate the server"
     else:
         loadgen = f"at most {share}: not the bottleneck, though it shares the cores with the server"
+    noisy = sum(r.others_cpu_share > NOISY_OTHERS for r in rows)
     return "\n".join([
         "- event loop + HTTP parser, as each server logged them: "
         + "; ".join(f"{name} {runtime}" for name, runtime in runtimes.items()),
@@ -240,6 +246,11 @@ def load_notes(rows: list[LoadRow], runtimes: dict[str, str]) -> str:
         f"max_batch_size {LITSERVE_MAX_BATCH_SIZE}, batch_timeout {LITSERVE_BATCH_TIMEOUT:g} s, one inference "
         "worker, one HTTP server (bench/peers/litserve_app.py)",
         f"- load generator: {loadgen}",
+        "- CPU columns: cores used while the load ran (of the machine's " f"{len(os.sched_getaffinity(0))}), by the "
+        "server's processes, the load generator and every other process (other people's work on a shared machine): "
+        f"others used {min(r.others_cpu_share for r in rows):.2f}-{max(r.others_cpu_share for r in rows):.2f}"
+        + (f"; {noisy} of {len(rows)} rows ran beside more than {NOISY_OTHERS:g} core of other work: read them with care"
+           if noisy else ""),
     ])
 
 

@@ -1,4 +1,5 @@
-"""`invoke bench`: measure cold start, throughput, latency, memory and image size, each against its floor."""
+"""`invoke bench`: measure cold start, throughput, latency, memory and image size, each against its floor, and
+throughput side by side with a seed-style FastAPI app and LitServe."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @task(
     help={
-        "quick": "one short run of everything (about a minute), for CI and for trying changes; the figures are rougher",
+        "quick": "one short run of everything (about 1.5 minutes), for CI and for trying changes; the figures are rougher",
         "out": "where to write the figures as JSON (default: bench/results/latest.json)",
     }
 )

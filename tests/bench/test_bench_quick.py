@@ -68,8 +68,10 @@ def test_quick_bench_measures_every_server_side_by_side_without_errors(quick_run
     for row in rows:
         where = f"{row['server']}, {row['model']}, {row['clients']} clients"
         assert row["errors"] == 0, where
-        for key in ("requests_per_second", "p50", "p99", "rps_ratio", "p99_ratio", "loadgen_cpu_share"):
+        for key in ("requests_per_second", "p50", "p99", "rps_ratio", "p99_ratio", "server_cpu_share",
+                    "loadgen_cpu_share"):
             assert math.isfinite(row[key]) and row[key] > 0, f"{key} of {where}: {row[key]}"
+        assert math.isfinite(row["others_cpu_share"]) and row["others_cpu_share"] >= 0, where
         assert row["p50"] <= row["p99"], where
         assert row["met"] in ((True, False) if row["server"] == "service" else (None,)), where
         assert f"| {row['model']}" in table and row["server"] in table
