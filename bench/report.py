@@ -116,23 +116,31 @@ class LoadRow:
         return self.p99 / self.floor_p99
 
     @property
+    def requests_per_cpu_second(self) -> float:
+        """Requests answered per second of the server's own CPU time: what a request costs it, however much CPU
+        other processes left it on a shared machine."""
+        return self.requests_per_second / self.server_cpu_share
+
+    @property
     def met(self) -> bool | None:
         return None if not self.targets else not self.misses
 
     def as_json(self) -> dict[str, Any]:
-        return {**asdict(self), "rps_ratio": self.rps_ratio, "p99_ratio": self.p99_ratio, "met": self.met}
+        return {**asdict(self), "rps_ratio": self.rps_ratio, "p99_ratio": self.p99_ratio,
+                "requests_per_cpu_second": self.requests_per_cpu_second, "met": self.met}  # fmt: skip
 
 
 def side_by_side(rows: list[LoadRow]) -> str:
     header = ("model", "clients", "server", "req/s", "p50", "p99", "errors", "req/s vs floor", "p99 vs floor",
-              "CPU: server / load gen / others", "target", "met?")  # fmt: skip
+              "CPU: server / load gen / others", "req per server CPU-s", "target", "met?")  # fmt: skip
     cells = [header]
     for r in rows:
         met = {True: "yes", False: "NO: " + ", ".join(r.misses), None: ""}[r.met]
         cells.append((
             r.model, str(r.clients), r.server, show(r.requests_per_second, "req/s").removesuffix(" req/s"),
             show(r.p50, "ms"), show(r.p99, "ms"), str(r.errors), f"{r.rps_ratio:.2f}x", f"{r.p99_ratio:.2f}x",
-            f"{r.server_cpu_share:.2f} / {r.loadgen_cpu_share:.2f} / {r.others_cpu_share:.2f}", "; ".join(r.targets), met,
+            f"{r.server_cpu_share:.2f} / {r.loadgen_cpu_share:.2f} / {r.others_cpu_share:.2f}",
+            f"{r.requests_per_cpu_second:,.0f}", "; ".join(r.targets), met,
         ))  # fmt: skip
     return _markdown(cells)
 

@@ -69,7 +69,7 @@ def test_quick_bench_measures_every_server_side_by_side_without_errors(quick_run
         where = f"{row['server']}, {row['model']}, {row['clients']} clients"
         assert row["errors"] == 0, where
         for key in ("requests_per_second", "p50", "p99", "rps_ratio", "p99_ratio", "server_cpu_share",
-                    "loadgen_cpu_share"):
+                    "loadgen_cpu_share", "requests_per_cpu_second"):
             assert math.isfinite(row[key]) and row[key] > 0, f"{key} of {where}: {row[key]}"
         assert math.isfinite(row["others_cpu_share"]) and row["others_cpu_share"] >= 0, where
         assert row["p50"] <= row["p99"], where
