@@ -180,7 +180,8 @@ def load_rows(
         f"throughput: {plan.load_reps} runs of {plan.load_seconds:g} s (after {plan.load_warmup:g} s warm-up) per "
         f"model, concurrency and server, medians; LitServe runs only in its own turns"
     )
-    rows, runtimes = [], {}
+    rows: list[LoadRow] = []
+    runtimes: dict[str, str] = {}
     for model in load_models:
         path = model.path
         starters = {
@@ -190,10 +191,12 @@ def load_rows(
             LITSERVE: lambda: litserve(litserve_python, path, logs, LITSERVE_MAX_BATCH_SIZE, LITSERVE_BATCH_TIMEOUT),
         }
         progress(f"  {model.label}:")
-        got, runtimes = throughput.measure(
+        got, model_runtimes = throughput.measure(
             starters, model.body(), CONCURRENCY, plan.load_seconds, plan.load_warmup, plan.load_reps, progress,
             alone=(LITSERVE,),
         )
+        for name, runtime in model_runtimes.items():  # one entry per server, unless the models disagree
+            runtimes[name] = runtime if runtimes.get(name, runtime) == runtime else f"{runtimes[name]}; {runtime}"
         for clients in CONCURRENCY:
             floor = got[FLOOR, clients]
             for name in starters:
@@ -251,7 +254,7 @@ def load_notes(rows: list[LoadRow], runtimes: dict[str, str]) -> str:
         f"max_batch_size {LITSERVE_MAX_BATCH_SIZE}, batch_timeout {LITSERVE_BATCH_TIMEOUT:g} s, one inference "
         "worker, one HTTP server (bench/peers/litserve_app.py)",
         f"- load generator: {loadgen}",
-        "- CPU columns: cores used while the load ran (of the machine's " f"{len(os.sched_getaffinity(0))}), by the "
+        f"- CPU columns: cores used while the load ran (of the machine's {len(os.sched_getaffinity(0))}), by the "
         "server's processes, the load generator and every other process (other people's work on a shared machine): "
         f"others used {min(r.others_cpu_share for r in rows):.2f}-{max(r.others_cpu_share for r in rows):.2f}"
         + (f"; {noisy} of {len(rows)} rows ran beside more than {NOISY_OTHERS:g} core of other work: read them with care "
