@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
     }
 )
 def bench(c, quick=False, out=""):
-    """Benchmark the service against its floors, print the table and write the figures as JSON."""
+    """Benchmark the service against its floors and its peers, print the tables and write the figures as JSON."""
     if not (ROOT / "models" / "demo.onnx").is_file():
         raise Exit("models/demo.onnx is missing: run `python scripts/make_demo_model.py`.")
     try:
