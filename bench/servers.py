@@ -1,6 +1,8 @@
 """Start what the benchmarks measure, as real processes on 127.0.0.1, and look at them from outside.
 
 Reuses the test helpers: the service's environment (`service_env`), free ports and stopping by process group.
+Every gunicorn here runs the service's own config and its Uvicorn worker class, subclassed only to log which
+event loop and HTTP parser it runs (bench/runtime_probe.py); LitServe logs the same line.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import subprocess
 import sys
 import time
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from bench import runtime_probe
 from tests.support.models import ROOT
 from tests.support.ports import free_port
 from tests.support.processes import stop
@@ -22,6 +26,8 @@ from tests.support.server import GUNICORN, service_env
 
 SERVICE_APP = "service.app:app"
 FLOOR_APP = "bench.floor_app:app"
+SEED_FASTAPI_APP = "bench.peers.seed_fastapi:app"
+PROBED_WORKER = "bench.runtime_probe.UvicornWorker"
 
 
 @dataclass
@@ -32,12 +38,15 @@ class Server:
     log_path: Path
 
     def health(self, timeout: float = 2.0) -> tuple[int, dict] | None:
-        """(status, body) of GET /health, or None while nothing answers."""
+        """(status, body) of GET /health, or None while nothing answers; a body that is not JSON reads as {}."""
         try:
             status, body = request(self.port, "GET", "/health", timeout=timeout)
         except OSError:
             return None
-        return status, json.loads(body)
+        try:
+            return status, json.loads(body)
+        except ValueError:  # LitServe answers "ok"
+            return status, {}
 
     def alive(self) -> None:
         if self.process.poll() is not None:
@@ -54,6 +63,10 @@ class Server:
                 raise TimeoutError(f"{self.process.args} not ready after {timeout}s; log: {self.log_path}")
             time.sleep(0.05)
 
+    def runtime(self) -> str:
+        """The event loop and HTTP parser the server logged that it runs: 'uvloop + httptools'."""
+        return runtime_probe.read(self.log_path.read_text(errors="replace"))
+
     def worker_pid(self) -> int:
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
         if len(children) != 1:
@@ -63,16 +76,31 @@ class Server:
 
 @contextlib.contextmanager
 def gunicorn(app: str, model_uri: str, log_dir: Path, **env: str) -> Iterator[Server]:
-    """gunicorn with the service's own config file serving `app` (the service, or the floor app)."""
+    """gunicorn with the service's own config file serving `app` (the service, the floor or the seed FastAPI app)."""
     port = free_port()
-    log_path = log_dir / f"{app.split(':')[0]}-{port}.log"
-    command = [*GUNICORN[:-1], app]
+    with _started([*GUNICORN[:-1], "-k", PROBED_WORKER, app], port, log_dir / f"{app.split(':')[0]}-{port}.log",
+                  service_env(model_uri, port, **env)) as server:  # fmt: skip
+        yield server
+
+
+@contextlib.contextmanager
+def litserve(python: Path, model_path: Path, log_dir: Path, max_batch_size: int, batch_timeout: float) -> Iterator[Server]:
+    """LitServe (bench/peers/litserve_app.py) from its own environment's `python`: one HTTP server, one worker."""
+    port = free_port()
+    command = [str(python), "-m", "bench.peers.litserve_app", str(model_path), str(port), str(max_batch_size),
+               str(batch_timeout)]  # fmt: skip
+    env = {**{k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}, "PYTHONPATH": str(ROOT)}
+    with _started(command, port, log_dir / f"litserve-{port}.log", env) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def _started(command: list[str], port: int, log_path: Path, env: dict[str, str]) -> Iterator[Server]:
     with open(log_path, "wb") as log:
         started_at = time.perf_counter()
         process = subprocess.Popen(
-            command, cwd=ROOT, env=service_env(model_uri, port, **env),
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         yield Server(process, port, started_at, log_path)
     finally:

@@ -59,6 +59,33 @@ def large_model(path: Path, megabytes: int, n_in: int = 64, seed: int = 0) -> Pa
     return _save(graph, path)
 
 
+def mlp_model(path: Path, widths: tuple[int, ...] = (256, 1024, 1024, 16), seed: int = 0) -> Path:
+    """A multi-layer perceptron: features float32 [N, widths[0]] -> scores float32 [N, widths[-1]], a MatMul and Add
+    per layer with Relu between layers. The default, 256 -> 1024 -> 1024 -> 16, holds about 5 MB of weights."""
+    rng = np.random.default_rng(seed)
+    nodes, initializers, current = [], [], "features"
+    for layer, (n_in, n_out) in enumerate(zip(widths, widths[1:])):
+        # He-scaled weights keep activations in range through the layers, as in a trained network.
+        weights = (rng.standard_normal((n_in, n_out)) * np.sqrt(2 / n_in)).astype(np.float32)
+        initializers += [numpy_helper.from_array(weights, f"w{layer}"),
+                         numpy_helper.from_array(np.zeros(n_out, np.float32), f"b{layer}")]  # fmt: skip
+        last = layer == len(widths) - 2
+        added = "scores" if last else f"h{layer}"
+        nodes += [helper.make_node("MatMul", [current, f"w{layer}"], [f"mm{layer}"]),
+                  helper.make_node("Add", [f"mm{layer}", f"b{layer}"], [added])]  # fmt: skip
+        if not last:
+            nodes.append(helper.make_node("Relu", [added], [f"a{layer}"]))
+            current = f"a{layer}"
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", widths[0]])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", widths[-1]])],
+        initializer=initializers,
+    )
+    return _save(graph, path)
+
+
 def _save(graph: onnx.GraphProto, path: Path) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
