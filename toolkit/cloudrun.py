@@ -13,6 +13,7 @@ import shutil
 from invoke import Context, Exit
 
 from toolkit import image, smoke
+from toolkit.gcp import runtime_account
 from toolkit.model import model_env, require_gcs_model
 
 PROBE_PERIOD_SECONDS = 10
@@ -70,10 +71,10 @@ def deploy_command(c: Context, image_ref: str, tag: str | None) -> list[str]:
         "--cpu-boost",
         "--execution-environment", "gen2",
         "--allow-unauthenticated" if cr.public else "--no-allow-unauthenticated",
+        # the least-privilege account `invoke gcp.setup` made, never the project-Editor compute default
+        "--service-account", runtime_account(c),
         "--quiet",
     ]  # fmt: skip
-    if cr.service_account:
-        command += ["--service-account", cr.service_account]
     if tag:
         command += ["--no-traffic", "--tag", tag]
     return command
