@@ -214,7 +214,7 @@ def download_from_gcs(source: ModelSource, cache_dir: Path, deadline: float, sta
     """
     import google.auth.exceptions
     from google.api_core import exceptions as gexc
-    from google.cloud import storage
+    from service.credentials import describe_refresh_error, storage_client
     from google.api_core.retry import Retry
     from google.cloud.storage.retry import DEFAULT_RETRY
 
@@ -228,7 +228,7 @@ def download_from_gcs(source: ModelSource, cache_dir: Path, deadline: float, sta
     )
     where = f"gs://{source.bucket}/{source.name}" + (f"#{source.generation}" if source.generation else "")
     try:
-        client = storage.Client()
+        client = storage_client()
         blob = client.bucket(source.bucket).get_blob(source.name, generation=source.generation, retry=retry, timeout=30)
         if blob is None:
             raise ModelLoadError(
@@ -265,6 +265,8 @@ def download_from_gcs(source: ModelSource, cache_dir: Path, deadline: float, sta
             f"no Google credentials to read {where}: on Cloud Run give the service a runtime service account; "
             f"elsewhere set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file ({exc})"
         ) from None
+    except google.auth.exceptions.GoogleAuthError as exc:  # token refresh or exchange refused
+        raise ModelLoadError(f"no Google token to read {where}: {describe_refresh_error(exc)}") from None
     except gexc.Forbidden as exc:
         raise ModelLoadError(
             f"permission denied reading {where}: grant roles/storage.objectViewer on bucket {source.bucket} "
