@@ -114,15 +114,10 @@ class FlyMachineApi:
         class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             daemon_threads = True
 
-        server = Server(str(self.socket_path), Handler)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        thread.start()
         try:
-            yield self
+            with _serving(Server(str(self.socket_path), Handler)):
+                yield self
         finally:
-            server.shutdown()
-            server.server_close()
-            thread.join(5)
             self.socket_path.unlink(missing_ok=True)
 
 
@@ -278,10 +273,17 @@ class BearerGate:
 def _tcp_server(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[int]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
+    with _serving(server):
+        yield server.server_address[1]
+
+
+@contextlib.contextmanager
+def _serving(server: socketserver.BaseServer) -> Iterator[None]:
+    """Serve on a thread until the block ends, then stop and close the server."""
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
-        yield server.server_address[1]
+        yield
     finally:
         server.shutdown()
         server.server_close()
