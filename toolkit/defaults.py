@@ -38,6 +38,9 @@ DEFAULTS = {
         "service_account": "",  # empty: the runtime account gcp.setup creates (gcp.runtime_account)
         "public": False,
         "startup_probe_seconds": 600,  # how long the model may take to load before Cloud Run gives up
+        "declarative": False,  # deploy by `gcloud run services replace` of the rendered manifest, not flags
+        "manifest": "service.yaml",  # where `invoke render` and declarative deploys write the Knative service
+        "model_mount": False,  # mount the model's bucket read-only (Cloud Storage volume) instead of downloading
     },
     "fly": {
         "app": "",  # region, VM size, checks and scaling live in fly.toml
