@@ -14,7 +14,7 @@ import time
 from invoke import Context, Exit
 
 from toolkit import image, smoke
-from toolkit.gcp import model_bucket, runtime_account
+from toolkit.gcp import model_bucket, require_runtime_account, runtime_account
 from toolkit.model import model_env, require_gcs_model
 
 PROBE_PERIOD_SECONDS = 10
@@ -156,6 +156,8 @@ def deploy(c: Context, tag: str, dry_run: bool, declarative: bool = False, model
     declarative = declarative or c.cloudrun.declarative
     model_mount = model_mount or c.cloudrun.model_mount
     check_ready(c, dry_run)
+    if not dry_run:
+        require_runtime_account(c)
     image_tag = tag or image.default_tag(c)
     image_ref = image.image_ref(c, "cloudrun", image_tag)
     if model_mount:
@@ -206,7 +208,8 @@ def apply_manifest(c: Context, image_ref: str, candidate: str | None, existing: 
 
     revision = traffic = None
     if candidate:
-        revision = f"{c.cloudrun.service}-{candidate}-{int(time.time()) % 46656:03x}"[:63].rstrip("-")
+        # unique per deploy: a revision name cannot be reused with another template
+        revision = f"{c.cloudrun.service}-{candidate}"[:58].rstrip("-") + f"-{int(time.time()) % 0x10000:04x}"
         traffic = cloudrun_yaml.candidate_traffic(existing or {"spec": {"traffic": [
             {"percent": 100, "latestRevision": True}]}}, revision, candidate)
     service = cloudrun_yaml.manifest(c, image_ref, model_mount, revision, traffic)

@@ -96,15 +96,11 @@ class Setup:
         return any(b.get("role") == role and member in b.get("members", []) for b in policy.get("bindings", []))
 
     def deployer(self) -> str:
-        """The IAM member that runs deploys: gcp.deployer, else gcloud's active account."""
-        if self.c.gcp.deployer:
-            return self.c.gcp.deployer
-        account = self.c.run("gcloud config get-value account", hide=True, warn=True).stdout.strip()
-        if not account or account == "(unset)":
+        member = deployer(self.c)
+        if member is None:
             raise Exit("gcloud has no active account, so the deployer to let act as the runtime account is "
                        "unknown: run `gcloud auth login`, or set gcp.deployer (e.g. user:me@example.com).")
-        kind = "serviceAccount" if account.endswith(".gserviceaccount.com") else "user"
-        return f"{kind}:{account}"
+        return member
 
     # the steps
 
@@ -240,6 +236,28 @@ class Setup:
         return number.strip()
 
 
+def deployer(c: Context) -> str | None:
+    """The IAM member that runs deploys and this set-up: gcp.deployer, else gcloud's active account."""
+    if c.gcp.deployer:
+        return c.gcp.deployer
+    account = c.run("gcloud config get-value account", hide=True, warn=True).stdout.strip()
+    if not account or account == "(unset)":
+        return None
+    return f"{'serviceAccount' if account.endswith('.gserviceaccount.com') else 'user'}:{account}"
+
+
+def require_runtime_account(c: Context) -> None:
+    """Before a Cloud Run deploy: the runtime account exists (else Cloud Run refuses it after the build)."""
+    if c.cloudrun.service_account:
+        return  # the user's own choice
+    email = runtime_account(c)
+    command = ["gcloud", "iam", "service-accounts", "describe", email, "--project", c.gcp.project, "--format=value(email)"]
+    result = c.run(shlex.join(command), hide=True, warn=True)
+    if not result.ok:
+        raise Exit(f"the runtime service account {email} is not there ({result.stderr.strip().splitlines()[-1:]}): "
+                   "run `invoke gcp.setup` once to make the project ready, or set cloudrun.service_account.")
+
+
 def explain(c: Context, command: list[str], stderr: str, step: str, permission: str, role: str) -> str:
     """A failed gcloud call as the fix: the API to enable, or the permission missing and the grant that adds it."""
     detail = stderr.strip().splitlines()[-1] if stderr.strip() else ""
@@ -250,9 +268,10 @@ def explain(c: Context, command: list[str], stderr: str, step: str, permission: 
                 f"fix: gcloud services enable {api} --project {c.gcp.project}\n({detail})")
     if re.search(r"PERMISSION_DENIED|Permission .* denied|does not have .*permission|403", stderr):
         named = re.search(r"[Pp]ermission '?([a-z]+\.[a-zA-Z]+\.[a-zA-Z]+)'?", stderr)
-        return (f"cannot {step}: you lack permission {named.group(1) if named else permission} in project "
+        member = deployer(c) or "user:YOU@EXAMPLE.COM"
+        return (f"cannot {step}: {member} lacks permission {named.group(1) if named else permission} in project "
                 f"{c.gcp.project}.\nfix: ask a project owner to grant {role}: gcloud projects add-iam-policy-binding "
-                f"{c.gcp.project} --member=user:YOU@EXAMPLE.COM --role={role}\n({detail})")
+                f"{c.gcp.project} --member={member} --role={role}\n({detail})")
     return f"cannot {step}: `{shlex.join(command)}` failed:\n{stderr.strip()}"
 
 
