@@ -632,7 +632,8 @@ class CloudState:
         raise ApiError(404, f"Unknown method {verb}")
 
     def _etag(self) -> str:
-        return base64.b64encode(self.rng.getrandbits(64).to_bytes(8, "big")).decode()
+        # URL-safe: gcloud (apitools) reads an etag as bytes and sends it back in that alphabet
+        return base64.urlsafe_b64encode(self.rng.getrandbits(64).to_bytes(8, "big")).decode()
 
     # ---- Cloud Build ---------------------------------------------------------------------------------------------
 

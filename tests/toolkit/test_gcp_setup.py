@@ -83,6 +83,12 @@ def test_fly_trust_is_a_pool_and_provider_for_this_app_only_bound_to_the_runtime
     assert f"workload_identity_provider: {PROVIDER}" in setup.stdout
     assert f'GCP_SERVICE_ACCOUNT = "{RUNTIME}"' in setup.stdout
 
+    both = invoke("gcp.setup", "--fly", **FLY)  # later also Cloud Run: one more grant on the same account
+    assert both.returncode == 0, both.stdout + both.stderr
+    assert "created  the deployer may act as" in both.stdout and "ok       OIDC provider" in both.stdout
+    assert stub.admin.members(f"sa/{RUNTIME}", "roles/iam.serviceAccountUser") == [f"user:{DEPLOYER}"]
+    assert len(stub.admin.members(f"sa/{RUNTIME}", "roles/iam.workloadIdentityUser")) == 1
+
 
 def test_a_missing_permission_is_named_with_the_grant_that_fixes_it(empty_project):
     empty_project.fail_next(403, "Permission 'iam.serviceAccounts.create' denied on resource (or it may not exist).",
