@@ -275,7 +275,9 @@ def explain(c: Context, command: list[str], stderr: str, step: str, permission: 
     return f"cannot {step}: `{shlex.join(command)}` failed:\n{stderr.strip()}"
 
 
-def check_ready(c: Context, fly: bool, dry_run: bool) -> None:
+def check_ready(c: Context, cloudrun: bool, fly: bool, dry_run: bool) -> None:
+    if not (cloudrun or fly):
+        raise Exit("--no-cloudrun without --fly sets up nothing: drop --no-cloudrun, or add --fly.")
     if not c.gcp.project:
         raise Exit("gcp.project is not set: put `gcp: {project: MY-PROJECT}` in invoke.yaml or set INVOKE_GCP_PROJECT.")
     require_gcs_model(c, "Cloud Run and Fly")
@@ -299,10 +301,12 @@ def check_ready(c: Context, fly: bool, dry_run: bool) -> None:
 def setup(c, cloudrun=True, fly=False, dry_run=False):
     """Make the Google Cloud project ready to deploy: APIs, registry, least-privilege runtime account, Fly trust."""
     dry_run = dry_run or c.config.run.dry
-    check_ready(c, fly, dry_run)
+    check_ready(c, cloudrun, fly, dry_run)
     plan = Setup(c, cloudrun, fly)
     if fly and not dry_run:
         plan.number = plan.project_number()
+    elif fly:
+        print(f"# PROJECT_NUMBER below: gcloud projects describe {c.gcp.project} --format='value(projectNumber)'")
     changed = 0
     for step in plan.steps():
         if dry_run:
@@ -320,7 +324,9 @@ def setup(c, cloudrun=True, fly=False, dry_run=False):
     if not dry_run:
         print(f"project {c.gcp.project}: " + (f"{changed} change(s) made" if changed else
                                               "nothing to change, it was already set up"))
-    print(f"Cloud Run and Fly run as {runtime_account(c)}, which can only read gs://{model_bucket(c)}.")
+    targets = " and ".join(name for name, chosen in (("Cloud Run", cloudrun), ("Fly", fly)) if chosen)
+    print(f"{targets} run{'s' if ' and ' not in targets else ''} as {runtime_account(c)}, which can only read "
+          f"gs://{model_bucket(c)}.")
     if fly:
         print_fly_settings(c, provider_name(plan.number, c))
 
