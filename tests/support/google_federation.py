@@ -7,8 +7,9 @@ real google-cloud-storage client:
   (`POST /v1/projects/-/serviceAccounts/EMAIL:generateAccessToken`, JSON), checking what Google checks: the
   audience is the provider's, the issuer is the org's, the provider's attribute condition (this org and app) holds,
   the token has not expired, and the federated token may impersonate the account. Errors in Google's shapes.
-- `BearerGate`: an HTTP front of the storage emulator that answers 401 unless the request carries an access token
-  the impersonation stand-in issued and that has not expired, and records every token it saw.
+- `BearerGate`: an HTTP front of the storage emulator (which checks no credentials) that answers 401 unless the
+  request carries an access token the impersonation stand-in issued and that has not expired, records every token
+  it saw, and passes the request on to the emulator with its Authorization header.
 
 The JWTs are not signed (the stand-in STS does not verify signatures; Google does, with Fly's JWKS).
 """
@@ -248,7 +249,7 @@ class BearerGate:
                                                        "errors": [{"reason": "authError"}]}})
                 connection = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=30)
                 try:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() not in {"host", "authorization"}}
+                    headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
                     connection.request(self.command, self.path, body=body or None, headers=headers)
                     response = connection.getresponse()
                     data = response.read()
