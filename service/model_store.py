@@ -342,11 +342,11 @@ def local_model(path: Path, progress: Progress) -> FetchedModel:
 
 
 def storage_client():
-    """The google-cloud-storage client every read of the bucket goes through."""
-    from google.cloud import storage
+    """The google-cloud-storage client every read of the bucket goes through: keyless on Fly when configured,
+    else Application Default Credentials (service/credentials.py)."""
+    from service import credentials
 
-    client = storage.Client()
-    return client
+    return credentials.storage_client()
 
 
 def download_from_gcs(source: ModelSource, cache_dir: Path, deadline: float, status: LoadStatus) -> FetchedModel:
@@ -440,6 +440,10 @@ def storage_errors(where: str, bucket: str | None, deadline: float) -> Iterator[
             f"no Google credentials to read {where}: on Cloud Run give the service a runtime service account; "
             f"elsewhere set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file ({exc})"
         ) from None
+    except google.auth.exceptions.GoogleAuthError as exc:  # token refresh or exchange refused
+        from service.credentials import describe_refresh_error
+
+        raise ModelLoadError(f"no Google token to read {where}: {describe_refresh_error(exc)}") from None
     except gexc.Forbidden as exc:
         raise ModelLoadError(
             f"permission denied reading {where}: grant roles/storage.objectViewer on bucket {bucket} "

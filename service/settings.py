@@ -101,6 +101,35 @@ class Settings(BaseSettings):
     # --- API documentation (service/openapi.py) ---
     docs: bool = Field(True, description="serve Swagger UI at /docs (/openapi.json is served either way)")
 
+    # ---- keyless Google credentials on Fly.io (service/credentials.py; `invoke gcp.setup --fly` prints them) ----
+    gcp_service_account: str = Field("", description="runtime service account the Fly app's identity impersonates")
+    gcp_workload_identity_provider: str = Field(
+        "", description="projects/NUM/locations/global/workloadIdentityPools/POOL/providers/PROV: read the bucket "
+        "with the Fly machine's OIDC token instead of a key"
+    )
+    fly_api_socket: str = Field("/.fly/api", description="the Fly machine API socket that mints OIDC tokens")
+    gcp_sts_url: str = Field("https://sts.googleapis.com/v1/token", description="Google's token exchange (STS)")
+    gcp_iam_credentials_url: str = Field("https://iamcredentials.googleapis.com", description="impersonation API")
+
+    @field_validator("gcp_workload_identity_provider")
+    @classmethod
+    def _valid_provider(cls, value: str, info) -> str:
+        value = value.strip().removeprefix("//iam.googleapis.com/")
+        if value and not re.fullmatch(r"projects/\d+/locations/global/workloadIdentityPools/[^/]+/providers/[^/]+",
+                                      value):
+            raise ValueError("GCP_WORKLOAD_IDENTITY_PROVIDER must be projects/NUMBER/locations/global/"
+                             "workloadIdentityPools/POOL/providers/PROVIDER, as `invoke gcp.setup --fly` prints it")
+        if value and not (info.data.get("google_cloud_project") or info.data.get("gcp_service_account")):
+            raise ValueError("keyless credentials need the project: set GOOGLE_CLOUD_PROJECT (or GCP_SERVICE_ACCOUNT)")
+        return value
+
+    @property
+    def gcp_project(self) -> str:
+        """The project for the storage client: GOOGLE_CLOUD_PROJECT, else the runtime account's own project."""
+        account = self.gcp_service_account
+        return self.google_cloud_project or account.partition("@")[2].removesuffix(".iam.gserviceaccount.com")
+
+
     @field_validator("log_level", "batching", mode="before")
     @classmethod
     def _lower_level(cls, value: object) -> object:

@@ -9,13 +9,18 @@ import math
 import re
 import shlex
 import shutil
+import time
 
 from invoke import Context, Exit
 
 from toolkit import image, smoke
+from toolkit.gcp import model_bucket, require_runtime_account, runtime_account
 from toolkit.model import model_env, require_gcs_model
 
 PROBE_PERIOD_SECONDS = 10
+PORT = 8080
+VOLUME = "model"  # the Cloud Storage volume of --model-mount, mounted read-only at MOUNT_PATH
+MOUNT_PATH = "/mnt/models"
 
 
 def check_ready(c: Context, dry_run: bool) -> None:
@@ -35,31 +40,53 @@ def _where(c: Context) -> list[str]:
     return ["--project", c.gcp.project, "--region", c.gcp.region]
 
 
-def env_vars(c: Context) -> dict[str, str]:
+def env_vars(c: Context, model_mount: bool = False) -> dict[str, str]:
     env = {**model_env(c), "WEB_CONCURRENCY": "1", "GOOGLE_CLOUD_PROJECT": c.gcp.project}
+    if model_mount:  # the service opens the mounted file as a local one: nothing to download
+        env["MODEL_URI"] = mounted_model_path(c)
     cpus = float(c.cloudrun.cpu)
     if cpus >= 1:  # one onnxruntime thread per vCPU the instance really has
         env["ORT_INTRA_OP_THREADS"] = str(int(cpus))
     return env
 
 
-def startup_probe(c: Context) -> str:
-    # The probe's window (period x failures) must cover downloading and opening the model; /health answers 503
-    # until then, and the instance gets traffic only after it answers 200.
+def probe(c: Context) -> dict:
+    """The startup probe, as the v1 API has it. Its window (period x failures) must cover downloading and opening
+    the model; /health answers 503 until then, and the instance gets traffic only after it answers 200."""
     failures = max(3, math.ceil(int(c.cloudrun.startup_probe_seconds) / PROBE_PERIOD_SECONDS))
-    return (
-        f"httpGet.path=/health,httpGet.port=8080,periodSeconds={PROBE_PERIOD_SECONDS},"
-        f"timeoutSeconds=5,failureThreshold={failures}"
-    )
+    return {"httpGet": {"path": "/health", "port": PORT}, "periodSeconds": PROBE_PERIOD_SECONDS, "timeoutSeconds": 5,
+            "failureThreshold": failures}
 
 
-def deploy_command(c: Context, image_ref: str, tag: str | None) -> list[str]:
+def startup_probe(c: Context) -> str:
+    p = probe(c)
+    return (f"httpGet.path={p['httpGet']['path']},httpGet.port={PORT},periodSeconds={p['periodSeconds']},"
+            f"timeoutSeconds={p['timeoutSeconds']},failureThreshold={p['failureThreshold']}")
+
+
+def mounted_model_path(c: Context) -> str:
+    """Where the model's object appears when its bucket is mounted (--model-mount)."""
+    source = str(c.model.uri)
+    if "#" in source:
+        raise Exit(f"model.uri {source!r} pins a generation, which a mounted bucket cannot: a mount shows the current "
+                   "object, so drop #GENERATION and pin the content with model.sha256 instead.")
+    return f"{MOUNT_PATH}/{source[len('gs://'):].split('/', 1)[1]}"
+
+
+def volume_flags(c: Context) -> list[str]:
+    """The model's bucket as a read-only Cloud Storage volume (gen2 only: network file systems need it)."""
+    return ["--clear-volumes", "--clear-volume-mounts",
+            "--add-volume", f"name={VOLUME},type=cloud-storage,bucket={model_bucket(c)},readonly=true",
+            "--add-volume-mount", f"volume={VOLUME},mount-path={MOUNT_PATH}"]
+
+
+def deploy_command(c: Context, image_ref: str, tag: str | None, model_mount: bool = False) -> list[str]:
     """`gcloud run deploy`: a new service when tag is None, else a revision with no traffic and that tag."""
     cr = c.cloudrun
-    env = env_vars(c)
+    env = env_vars(c, model_mount)
     command = [
         "gcloud", "run", "deploy", cr.service, "--image", image_ref, *_where(c),
-        "--port", "8080",
+        "--port", str(PORT),
         "--cpu", str(cr.cpu), "--memory", str(cr.memory),
         "--concurrency", str(cr.concurrency),
         "--min-instances", str(cr.min_instances), "--max-instances", str(cr.max_instances),
@@ -70,10 +97,12 @@ def deploy_command(c: Context, image_ref: str, tag: str | None) -> list[str]:
         "--cpu-boost",
         "--execution-environment", "gen2",
         "--allow-unauthenticated" if cr.public else "--no-allow-unauthenticated",
+        # the least-privilege account `invoke gcp.setup` made, never the project-Editor compute default
+        "--service-account", runtime_account(c),
         "--quiet",
     ]  # fmt: skip
-    if cr.service_account:
-        command += ["--service-account", cr.service_account]
+    if model_mount:
+        command += volume_flags(c)
     if tag:
         command += ["--no-traffic", "--tag", tag]
     return command
@@ -119,27 +148,38 @@ def move_traffic_command(c: Context, revision: str) -> list[str]:
             "--to-revisions", f"{revision}=100", "--quiet"]  # fmt: skip
 
 
-def deploy(c: Context, tag: str, dry_run: bool) -> None:
+def deploy(c: Context, tag: str, dry_run: bool, declarative: bool = False, model_mount: bool = False) -> None:
+    """Build, deploy a candidate revision with no traffic and a tag, smoke-test its URL, then move traffic to it.
+
+    `declarative` applies a rendered service.yaml with `gcloud run services replace` instead of flags;
+    `model_mount` mounts the model's bucket read-only instead of downloading the model."""
+    declarative = declarative or c.cloudrun.declarative
+    model_mount = model_mount or c.cloudrun.model_mount
     check_ready(c, dry_run)
+    if not dry_run:
+        require_runtime_account(c)
     image_tag = tag or image.default_tag(c)
     image_ref = image.image_ref(c, "cloudrun", image_tag)
+    if model_mount:
+        mounted_model_path(c)  # a config it cannot serve fails before the build
     if c.cloudrun.build == "cloudbuild":
         c.run(shlex.join(cloudbuild_command(c, image_tag)), dry=dry_run)
     else:
         image.build_and_push(c, "cloudrun", image_tag, dry_run)
+    apply = apply_manifest if declarative else apply_flags
 
     existing = None if dry_run else describe(c)
     if dry_run:
-        print("# first deploy runs the command without --no-traffic --tag; later deploys run it as shown:")
+        print("# first deploy creates the service with all traffic; later deploys run as shown:")
     if existing is None and not dry_run:
-        c.run(shlex.join(deploy_command(c, image_ref, None)))
+        apply(c, image_ref, None, None, model_mount, dry_run=False)
         result = smoke_test(c, describe(c)["status"]["url"])
         if not result.ok:
             raise Exit(f"smoke test failed: {result.reason}\nthe new service is up but does not serve the model")
         return
 
     candidate = traffic_tag(image_tag)
-    c.run(shlex.join(deploy_command(c, image_ref, candidate)), dry=dry_run)
+    apply(c, image_ref, candidate, existing, model_mount, dry_run)
     if dry_run:
         print(f"# then: smoke test the {candidate} tag URL, then:")
         c.run(shlex.join(move_traffic_command(c, f"{c.cloudrun.service}-REVISION")), dry=True)
@@ -154,6 +194,51 @@ def deploy(c: Context, tag: str, dry_run: bool) -> None:
         )
     c.run(shlex.join(move_traffic_command(c, target["revisionName"])))
     print(f"traffic: 100% to {target['revisionName']} ({describe(c)['status']['url']})")
+
+
+def apply_flags(c: Context, image_ref: str, candidate: str | None, existing: dict | None, model_mount: bool,
+                dry_run: bool) -> None:
+    c.run(shlex.join(deploy_command(c, image_ref, candidate, model_mount)), dry=dry_run)
+
+
+def apply_manifest(c: Context, image_ref: str, candidate: str | None, existing: dict | None, model_mount: bool,
+                   dry_run: bool) -> None:
+    """Render service.yaml (the candidate: a named revision at 0% with its tag) and `gcloud run services replace` it."""
+    from toolkit import cloudrun_yaml
+
+    revision = traffic = None
+    if candidate:
+        # unique per deploy: a revision name cannot be reused with another template
+        revision = f"{c.cloudrun.service}-{candidate}"[:58].rstrip("-") + f"-{int(time.time()) % 0x10000:04x}"
+        traffic = cloudrun_yaml.candidate_traffic(existing or {"spec": {"traffic": [
+            {"percent": 100, "latestRevision": True}]}}, revision, candidate)
+    service = cloudrun_yaml.manifest(c, image_ref, model_mount, revision, traffic)
+    path = c.cloudrun.manifest
+    replace = ["gcloud", "run", "services", "replace", path, *_where(c), "--quiet"]
+    if dry_run:
+        print(f"# {path}, as rendered:\n{cloudrun_yaml.dump(service)}")
+        c.run(shlex.join(replace), dry=True)
+        return
+    cloudrun_yaml.write(path, service)
+    print(f"wrote {path}" + (f" (revision {revision} with no traffic, tag {candidate})" if candidate else ""))
+    c.run(shlex.join(replace))
+    if existing is None and c.cloudrun.public:  # a manifest carries no IAM: the flag path's --allow-unauthenticated
+        c.run(shlex.join(["gcloud", "run", "services", "add-iam-policy-binding", c.cloudrun.service, *_where(c),
+                          "--member=allUsers", "--role=roles/run.invoker", "--quiet"]), hide="out")
+
+
+def render(c: Context, tag: str, output: str, model_mount: bool) -> None:
+    """Write service.yaml for the current config: all traffic to the revision it makes."""
+    from toolkit import cloudrun_yaml
+
+    if not c.gcp.project:
+        raise Exit("gcp.project is not set: put `gcp: {project: MY-PROJECT}` in invoke.yaml or set INVOKE_GCP_PROJECT.")
+    require_gcs_model(c, "Cloud Run")
+    image_ref = image.image_ref(c, "cloudrun", tag or image.default_tag(c))
+    path = cloudrun_yaml.write(output or c.cloudrun.manifest,
+                               cloudrun_yaml.manifest(c, image_ref, model_mount or c.cloudrun.model_mount))
+    print(f"wrote {path}: apply it with `gcloud run services replace {path} --region {c.gcp.region}` "
+          "or `invoke deploy --target cloudrun --declarative`")
 
 
 def smoke_test(c: Context, url: str) -> smoke.SmokeResult:

@@ -20,6 +20,11 @@ DEFAULTS = {
         "project": "",
         "region": "us-central1",
         "repository": "onnx-serve",  # Artifact Registry docker repository
+        # `invoke gcp.setup` creates it; Cloud Run and Fly run as ID@PROJECT.iam.gserviceaccount.com
+        "runtime_account": "onnx-serve-runtime",
+        "deployer": "",  # IAM member allowed to deploy as the runtime account; empty: gcloud's active account
+        "wif_pool": "fly",  # workload identity pool for Fly machines (gcp.setup --fly)
+        "wif_provider": "",  # its OIDC provider; empty: fly-APP
     },
     "cloudrun": {
         "service": "onnx-serve",
@@ -30,15 +35,21 @@ DEFAULTS = {
         "min_instances": 0,
         "max_instances": 10,
         "timeout": "60s",
-        "service_account": "",
+        "service_account": "",  # empty: the runtime account gcp.setup creates (gcp.runtime_account)
         "public": False,
         "startup_probe_seconds": 600,  # how long the model may take to load before Cloud Run gives up
+        "declarative": False,  # deploy by `gcloud run services replace` of the rendered manifest, not flags
+        "manifest": "service.yaml",  # where `invoke render` and declarative deploys write the Knative service
+        "model_mount": False,  # mount the model's bucket read-only (Cloud Storage volume) instead of downloading
     },
     "fly": {
         "app": "",  # region, VM size, checks and scaling live in fly.toml
         "config": "fly.toml",
         "url": "",  # what the smoke test calls; empty: https://APP.fly.dev
         "build": "remote",  # remote (Fly's builder) or image (push the local build)
+        "org": "",  # Fly organisation slug: the token issuer https://oidc.fly.io/ORG (gcp.setup --fly)
+        # printed by `invoke gcp.setup --fly`; when set, the app reads the bucket keyless (no key secret needed)
+        "workload_identity_provider": "",
     },
     "local": {
         "runtime": "auto",  # docker when an engine answers, else process (gunicorn on this machine)

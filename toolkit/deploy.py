@@ -21,16 +21,46 @@ def _target(name: str):
         raise Exit(f"unknown target {name!r}: use one of {', '.join(TARGETS)}") from None
 
 
+CLOUDRUN_ONLY = "Cloud Run only: "
+
+
 @task(
     help={
         "target": TARGET_HELP,
         "tag": "image tag / release label (default: the git commit)",
         "dry_run": "print every command instead of running it",
+        "declarative": CLOUDRUN_ONLY + "apply a rendered service.yaml with `gcloud run services replace` "
+                       "(default: cloudrun.declarative)",
+        "model_mount": CLOUDRUN_ONLY + "mount the model's bucket read-only instead of downloading the model "
+                       "(default: cloudrun.model_mount)",
     }
 )
-def deploy(c, target="local", tag="", dry_run=False):
+def deploy(c, target="local", tag="", dry_run=False, declarative=False, model_mount=False):
     """Build, push and deploy the service to TARGET, then prove it serves the model with the smoke test."""
-    _target(target).deploy(c, tag=tag, dry_run=dry_run or c.config.run.dry)  # --dry-run or invoke's global --dry
+    module = _target(target)
+    dry_run = dry_run or c.config.run.dry  # --dry-run or invoke's global --dry
+    if target == "cloudrun":
+        module.deploy(c, tag=tag, dry_run=dry_run, declarative=declarative, model_mount=model_mount)
+        return
+    if declarative or model_mount:
+        raise Exit(f"--declarative and --model-mount are Cloud Run options; target {target!r} takes neither")
+    module.deploy(c, tag=tag, dry_run=dry_run)
+
+
+@task(
+    help={
+        "target": "cloudrun (the only target with a service manifest; Fly's is fly.toml)",
+        "tag": "image tag to put in it (default: the git commit)",
+        "output": "file to write (default: cloudrun.manifest, service.yaml)",
+        "model_mount": "mount the model's bucket instead of downloading the model (default: cloudrun.model_mount)",
+    }
+)
+def render(c, target="cloudrun", tag="", output="", model_mount=False):
+    """Write the Cloud Run service as a Knative service.yaml: everything a deploy sets, to review and apply."""
+    module = _target(target)
+    if not hasattr(module, "render"):
+        raise Exit(f"target {target!r} has no manifest to render: use --target cloudrun")
+    module.render(c, tag=tag, output=output, model_mount=model_mount)
 
 
 @task(

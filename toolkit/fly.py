@@ -13,7 +13,11 @@ from pathlib import Path
 from invoke import Context, Exit, task
 
 from toolkit import image, smoke
+from toolkit.gcp import runtime_account
 from toolkit.model import model_env, require_gcs_model
+
+KEY_SECRET = "GCP_SA_JSON_B64"  # the fallback: a service-account key, stored by `invoke fly.credentials`
+KEY_PATH = "/secrets/gcp.json"
 
 
 def flyctl() -> str:
@@ -26,12 +30,37 @@ def check_ready(c: Context, dry_run: bool) -> None:
     require_gcs_model(c, "the Fly app")
     if not Path(c.fly.config).is_file():
         raise Exit(f"{c.fly.config} not found: run from the project root, or set fly.config.")
+    if c.fly.workload_identity_provider and not c.gcp.project:
+        raise Exit("fly.workload_identity_provider is set but gcp.project is not: set both as `invoke gcp.setup "
+                   "--fly` printed them.")
     if dry_run:
         return
     if not flyctl():
         raise Exit("flyctl is not on PATH: install it (https://fly.io/docs/flyctl/install/).")
     if not c.run(f"{flyctl()} auth whoami", hide=True, warn=True).ok:
         raise Exit("flyctl is not logged in: run `flyctl auth login` (or set FLY_API_TOKEN).")
+
+
+def require_bucket_access(c: Context) -> None:
+    """Keyless access configured, or else the key secret stored: without either the app cannot read the model."""
+    if c.fly.workload_identity_provider:
+        return
+    result = c.run(shlex.join([flyctl(), "secrets", "list", "--json", *_app(c)]), hide=True, warn=True)
+    names = {s.get("name") or s.get("Name") for s in json.loads(result.stdout or "[]")} if result.ok else set()
+    if KEY_SECRET not in names:
+        raise Exit(f"the Fly app has no way to read {c.model.uri}: run `invoke gcp.setup --fly` and set "
+                   "fly.workload_identity_provider as it prints (keyless, recommended), or store a service-account "
+                   "key with `invoke fly.credentials --key-file key.json`.")
+
+
+def credentials_flags(c: Context) -> list[str]:
+    """How the app reaches the bucket: keyless (workload identity federation, service/credentials.py) when
+    configured, else the key secret written to a file that Application Default Credentials reads."""
+    if c.fly.workload_identity_provider:
+        env = {"GCP_WORKLOAD_IDENTITY_PROVIDER": c.fly.workload_identity_provider,
+               "GCP_SERVICE_ACCOUNT": runtime_account(c), "GOOGLE_CLOUD_PROJECT": c.gcp.project}
+        return [flag for name, value in env.items() for flag in ("--env", f"{name}={value}")]
+    return ["--file-secret", f"{KEY_PATH}={KEY_SECRET}", "--env", f"GOOGLE_APPLICATION_CREDENTIALS={KEY_PATH}"]
 
 
 def _app(c: Context) -> list[str]:
@@ -44,7 +73,7 @@ def deploy_command(c: Context, image_ref: str | None, label: str) -> list[str]:
     command += ["--image", image_ref] if image_ref else ["--remote-only", "--image-label", label]
     for name, value in model_env(c).items():
         command += ["--env", f"{name}={value}"]
-    return command
+    return command + credentials_flags(c)
 
 
 def app_url(c: Context) -> str:
@@ -68,6 +97,8 @@ def current_image(c: Context) -> str | None:
 def deploy(c: Context, tag: str, dry_run: bool) -> None:
     check_ready(c, dry_run)
     label = tag or image.default_tag(c)
+    if not dry_run:
+        require_bucket_access(c)
     previous = None if dry_run else current_image(c)
     image_ref = None
     if c.fly.build == "image":
@@ -121,7 +152,7 @@ def rollback(c: Context, to: str, dry_run: bool) -> None:
     }
 )
 def credentials(c, key_file, dry_run=False):
-    """Store a service-account key as the Fly secret the app turns into Application Default Credentials."""
+    """Store a service-account key as the Fly secret the app reads (fallback to keyless `gcp.setup --fly`)."""
     dry_run = dry_run or c.config.run.dry
     check_ready(c, dry_run)
     try:
@@ -131,14 +162,15 @@ def credentials(c, key_file, dry_run=False):
     if key.get("type") != "service_account":
         raise Exit(f"{key_file} is not a service-account key (type {key.get('type')!r}); create one with "
                    "`gcloud iam service-accounts keys create key.json --iam-account=SA_EMAIL`.")
-    # Piped on stdin (NAME=-), never on the command line; fly.toml's [[files]] writes it to the credentials path.
+    # Piped on stdin (NAME=-), never on the command line; deploy's --file-secret writes it to the credentials path.
     encoded = base64.b64encode(Path(key_file).read_bytes()).decode()
-    command = [flyctl() or "flyctl", "secrets", "set", "GCP_SA_JSON_B64=-", "--stage", *_app(c)]
+    command = [flyctl() or "flyctl", "secrets", "set", f"{KEY_SECRET}=-", "--stage", *_app(c)]
     if dry_run:
         print(shlex.join(command) + " < base64 " + key_file)
         return
     c.run(shlex.join(command), in_stream=_Stdin(encoded), hide="out")
-    print("stored secret GCP_SA_JSON_B64; it takes effect on the next `invoke deploy --target fly`")
+    print(f"stored secret {KEY_SECRET}; it takes effect on the next `invoke deploy --target fly` (unless "
+          "fly.workload_identity_provider is set: keyless access wins)")
 
 
 class _Stdin:

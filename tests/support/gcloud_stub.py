@@ -23,6 +23,9 @@ What it serves, with real state (names as in the APIs' v1 discovery documents):
 - Cloud Storage JSON API: buckets get/insert/list, objects get/list/delete and media/multipart/resumable uploads (the
   source tarball of `gcloud builds submit` lands in `PROJECT_cloudbuild`).
 
+- the project set-up APIs (Resource Manager, Service Usage, Artifact Registry, IAM service accounts and workload
+  identity pools, bucket IAM policies) and the "new, empty project" mode: see `gcloud_stub_admin.py`.
+
 Errors are 4xx with Google's JSON error body: on 5xx gcloud retries for about half a minute.
 """
 
@@ -54,6 +57,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from tests.support.external import missing_tool
+from tests.support.gcloud_stub_admin import DEPLOYER, NEW_PROJECT_SERVICES, SERVICE_IDS, ProjectAdmin
 
 KNATIVE_PREFIX = "apis/serving.knative.dev/v1/"
 STUB_DOMAIN = "stub.invalid"
@@ -115,7 +119,7 @@ class RecordedRequest:
     headers: dict[str, str]
     raw_body: bytes
     body: Any
-    api: str  # run | cloudbuild | storage | other
+    api: str  # the API by host: run | cloudbuild | storage | iam | serviceusage | artifactregistry | ... | other
     status: int = 0  # the stub's answer
 
     def __repr__(self) -> str:
@@ -186,6 +190,8 @@ class CloudState:
         self.testable_permissions: set[str] | None = None  # None: the caller holds every permission asked for
         self.pending_polls = 0  # next N service reads answer Ready=Unknown
         self.urls: dict[str | None, str] = {}  # traffic tag (None: the service) -> URL to report, e.g. a local service
+        # project set-up: APIs, repositories, service accounts, IAM policies, identity pools (gcloud_stub_admin)
+        self.admin = ProjectAdmin(project, project_number, ApiError, self._etag)
 
     # ---- routing -------------------------------------------------------------------------------------------------
 
@@ -195,12 +201,16 @@ class CloudState:
                 if failure.matches(request):
                     self.failures.remove(failure)
                     raise ApiError(failure.status, failure.message)
+            self.admin.require_enabled(request.api)
             if request.api == "run":
                 return self._json(self._run(request))
             if request.api == "cloudbuild":
                 return self._json(self._cloudbuild(request))
             if request.api == "storage":
                 return self._storage(request)
+            if request.api != "other":
+                return self._json(self.admin.handle(request.api, request.method, request.path, request.query,
+                                                    request.body))
             raise ApiError(404, f"The stub does not serve {request.host} ({request.method} {request.path}).")
 
     @staticmethod
@@ -356,6 +366,7 @@ class CloudState:
         spec.setdefault("containerConcurrency", 80)
         spec.setdefault("timeoutSeconds", 300)
         spec.setdefault("serviceAccountName", f"{self.project_number}-compute@developer.gserviceaccount.com")
+        self.admin.require_runtime_account(spec["serviceAccountName"])
         if not 1 <= int(spec["timeoutSeconds"]) <= 3600:
             raise ApiError(400, "spec.template.spec.timeoutSeconds: must be between 1 and 3600.")
         if not 0 <= int(spec["containerConcurrency"]) <= 1000:
@@ -621,7 +632,8 @@ class CloudState:
         raise ApiError(404, f"Unknown method {verb}")
 
     def _etag(self) -> str:
-        return base64.b64encode(self.rng.getrandbits(64).to_bytes(8, "big")).decode()
+        # URL-safe: gcloud (apitools) reads an etag as bytes and sends it back in that alphabet
+        return base64.urlsafe_b64encode(self.rng.getrandbits(64).to_bytes(8, "big")).decode()
 
     # ---- Cloud Build ---------------------------------------------------------------------------------------------
 
@@ -689,12 +701,16 @@ class CloudState:
         if build["status"] != "QUEUED":
             return
         outcome, detail = self.build_outcomes.pop(0) if self.build_outcomes else ("SUCCESS", "")
+        substitutions = {"PROJECT_ID": self.project, "PROJECT_NUMBER": self.project_number, "BUILD_ID": build["id"],
+                         "LOCATION": build["name"].split("/")[3], **(build.get("substitutions") or {})}
+        for image in build.get("images", []):
+            try:
+                self.admin.require_repository(_substitute(image, substitutions))
+            except ApiError as error:
+                outcome, detail = "FAILURE", f"pushing {_substitute(image, substitutions)}: {error.message}"
         now = _now()
         build["startTime"] = build["finishTime"] = now
         build["status"] = outcome
-        substitutions = {"PROJECT_ID": self.project, "PROJECT_NUMBER": self.project_number,
-                         "BUILD_ID": build["id"], "LOCATION": build["name"].split("/")[3],
-                         **(build.get("substitutions") or {})}
         lines = [f'starting build "{build["id"]}"', "", "FETCHSOURCE"]
         for index, step in enumerate(build.get("steps", [])):
             step["status"] = "SUCCESS" if outcome == "SUCCESS" or index < len(build["steps"]) - 1 else outcome
@@ -748,6 +764,11 @@ class CloudState:
                                    "items": [b for n, b in sorted(self.buckets.items()) if n.startswith(prefix)]})
             parts = rest[1:].split("/", 2)  # BUCKET | BUCKET/o | BUCKET/o/OBJECT (the object name is %-encoded)
             bucket = urllib.parse.unquote(parts[0])
+            if len(parts) == 2 and parts[1] == "iam" and request.method in {"GET", "PUT"}:
+                if bucket not in self.buckets:
+                    raise ApiError(404, "The specified bucket does not exist.")
+                policy = self.admin.policy(f"bucket/{bucket}", request.body if request.method == "PUT" else None)
+                return self._json({"kind": "storage#policy", "resourceId": f"projects/_/buckets/{bucket}", **policy})
             if len(parts) == 1:
                 if request.method == "GET":
                     if bucket not in self.buckets:
@@ -1049,7 +1070,7 @@ def _api_of(host: str, path: str) -> str:
     for suffix in (f".{STUB_DOMAIN}", ".googleapis.com"):
         if name.endswith(suffix):
             service = name[: -len(suffix)].rsplit("-", 1)[-1]
-            if service in {"run", "cloudbuild", "storage"}:
+            if service in {"run", "cloudbuild", "storage", *SERVICE_IDS}:
                 return service
             if service == "www" and path.startswith(("/storage/v1/", "/upload/storage/v1/", "/resumable/upload/")):
                 return "storage"
@@ -1196,6 +1217,7 @@ class GcloudStub:
             "CLOUDSDK_CONFIG": str(config),
             "CLOUDSDK_AUTH_ACCESS_TOKEN_FILE": str(token),
             "CLOUDSDK_CORE_PROJECT": self.project,
+            "CLOUDSDK_CORE_ACCOUNT": DEPLOYER,  # what `gcloud config get-value account` reports
             "CLOUDSDK_CORE_DISABLE_PROMPTS": "1",
             "CLOUDSDK_CORE_SHOULD_PROMPT_TO_ENABLE_API": "false",
             "CLOUDSDK_CORE_DISABLE_USAGE_REPORTING": "true",
@@ -1364,6 +1386,22 @@ class GcloudStub:
         """Make the next build end with `status` (FAILURE, INTERNAL_ERROR, TIMEOUT, CANCELLED)."""
         with self.state.lock:
             self.state.build_outcomes.append((status, detail))
+
+    def new_project(self) -> None:
+        """Behave as a project with nothing in it (see gcloud_stub_admin): only a new project's APIs answer, and
+        Cloud Run and Cloud Build check the service account and repository they are given."""
+        with self.state.lock:
+            self.state.admin.enabled = set(NEW_PROJECT_SERVICES)
+
+    def seed_bucket(self, name: str) -> None:
+        """A bucket that exists (e.g. the model's), made without gcloud."""
+        with self.state.lock:
+            self.state._insert_bucket({"name": name})
+
+    @property
+    def admin(self) -> ProjectAdmin:
+        """Project set-up state: `enabled`, `repositories`, `service_accounts`, `policies`, `pools`, `providers`."""
+        return self.state.admin
 
     def deny_iam_permissions(self) -> None:
         """testIamPermissions grants nothing (a deployer without run.services.setIamPolicy)."""

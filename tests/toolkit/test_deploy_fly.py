@@ -11,7 +11,13 @@ from tests.toolkit.deploy_helpers import invoke
 
 APP = "onnx-serve-test"
 OLD_IMAGE = f"registry.fly.io/{APP}:deployment-old"
-CONFIG = dict(fly_app=APP, model_uri="gs://my-models/demo.onnx", smoke_timeout="20")
+PROVIDER = "projects/123456789012/locations/global/workloadIdentityPools/fly/providers/fly-onnx-serve-test"
+RUNTIME = "onnx-serve-runtime@stub-project.iam.gserviceaccount.com"
+# keyless, as `invoke gcp.setup --fly` leaves it
+CONFIG = dict(fly_app=APP, model_uri="gs://my-models/demo.onnx", smoke_timeout="20", gcp_project="stub-project",
+              fly_workload_identity_provider=PROVIDER)
+KEYLESS_ENV = ["--env", f"GCP_WORKLOAD_IDENTITY_PROVIDER={PROVIDER}", "--env", f"GCP_SERVICE_ACCOUNT={RUNTIME}",
+               "--env", "GOOGLE_CLOUD_PROJECT=stub-project"]
 
 
 def deploys(fake) -> list[list[str]]:
@@ -25,7 +31,8 @@ def test_deploy_uses_the_remote_builder_then_smoke_tests_the_app(fake_flyctl, he
     assert "smoke test passed" in result.stdout
     (deploy,) = deploys(fake_flyctl)
     assert deploy == ["deploy", "--app", APP, "--config", "fly.toml", "--wait-timeout", "10m", "--remote-only",
-                      "--image-label", "v2", "--env", "MODEL_URI=gs://my-models/demo.onnx"]
+                      "--image-label", "v2", "--env", "MODEL_URI=gs://my-models/demo.onnx", *KEYLESS_ENV]
+    assert not any("GOOGLE_APPLICATION_CREDENTIALS" in arg or "--file-secret" == arg for arg in deploy)  # no key
     commands = [argv[:2] for argv in fake_flyctl.argvs()]
     assert commands.index(["auth", "whoami"]) < commands.index(["status", "--json"]) < commands.index(deploy[:2])
 
@@ -61,6 +68,24 @@ def test_credentials_are_piped_to_a_staged_secret_never_on_the_command_line(fake
     (call,) = [c for c in fake_flyctl.calls() if c["argv"][:2] == ["secrets", "set"]]
     assert call["argv"] == ["secrets", "set", "GCP_SA_JSON_B64=-", "--stage", "--app", APP]
     assert base64.b64decode(call["stdin"]) == key.read_bytes()
+
+
+def test_the_key_secret_is_the_fallback_when_keyless_access_is_not_set_up(fake_flyctl, healthy, tmp_path):
+    fake_flyctl.add_app(APP, image=OLD_IMAGE)
+    config = {**CONFIG, "fly_workload_identity_provider": ""}
+    refused = invoke("deploy", "--target", "fly", "--tag", "v5", **config, fly_url=healthy)
+    assert refused.returncode == 1
+    assert "run `invoke gcp.setup --fly`" in refused.stderr and "invoke fly.credentials --key-file" in refused.stderr
+    assert deploys(fake_flyctl) == []
+
+    key = tmp_path / "key.json"
+    key.write_text(json.dumps({"type": "service_account", "client_email": "sa@p.iam.gserviceaccount.com"}))
+    assert invoke("fly.credentials", "--key-file", str(key), **config).returncode == 0
+    result = invoke("deploy", "--target", "fly", "--tag", "v5", **config, fly_url=healthy)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (deploy,) = deploys(fake_flyctl)
+    assert deploy[-4:] == ["--file-secret", "/secrets/gcp.json=GCP_SA_JSON_B64",
+                           "--env", "GOOGLE_APPLICATION_CREDENTIALS=/secrets/gcp.json"]
 
 
 def test_logged_out_flyctl_stops_before_any_deploy(fake_flyctl, monkeypatch):

@@ -210,3 +210,26 @@ def test_label_selectors_as_gcloud_writes_them():
     assert _selector_matches("serving.knative.dev/service = svc", labels)
     assert _selector_matches("serving.knative.dev/service=svc,client.knative.dev/nonce in (abc, def)", labels)
     assert not _selector_matches("serving.knative.dev/service = other", labels)
+
+
+def test_a_new_project_refuses_what_is_not_set_up_as_google_does(gcloud_stub):
+    gcloud_stub.new_project()
+    deploy = ["run", "deploy", "svc", "--image", f"{IMAGE}:v1", *REGION,
+              "--service-account", "runtime@stub-project.iam.gserviceaccount.com"]
+    off = gcloud_stub.gcloud(*deploy, check=False)
+    assert off.returncode == 1 and "Cloud Run Admin API has not been used in project 123456789012" in off.stderr
+
+    gcloud_stub.gcloud("services", "enable", "run.googleapis.com", "iam.googleapis.com")
+    assert "run.googleapis.com" in gcloud_stub.gcloud("services", "list", "--enabled",
+                                                      "--format=value(config.name)").stdout.split()
+    missing = gcloud_stub.gcloud(*deploy, check=False)
+    assert missing.returncode == 1 and "iam.serviceaccounts.actAs" in missing.stderr
+    assert gcloud_stub.services == {}
+
+    gcloud_stub.gcloud("iam", "service-accounts", "create", "runtime")
+    gcloud_stub.gcloud("iam", "service-accounts", "add-iam-policy-binding",
+                       "runtime@stub-project.iam.gserviceaccount.com", "--member=user:stub-user@example.com",
+                       "--role=roles/iam.serviceAccountUser")
+    gcloud_stub.gcloud(*deploy)
+    assert gcloud_stub.service("svc")["spec"]["template"]["spec"]["serviceAccountName"] == \
+        "runtime@stub-project.iam.gserviceaccount.com"
