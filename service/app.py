@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from service import logs, open_inference
+from service.metrics import Recorder
 from service.model_store import LoadState, ModelStore
 from service.payload import BadRequest, decode_inputs, encode_outputs
 from service.scheduler import BatchPolicy, ModelRejected, Scheduler, batch_safety
@@ -38,7 +39,8 @@ RETRY_AFTER_SECONDS = "5"
 def create_app(settings: Settings) -> InferenceApp:
     store = ModelStore(settings)
     executor = ThreadPoolExecutor(max_workers=settings.run_threads, thread_name_prefix="inference")
-    scheduler = Scheduler(store.run, executor, BatchPolicy(False, "the model is not loaded yet"))
+    metrics = Recorder(settings.metrics_flush_seconds) if settings.metrics_port else None
+    scheduler = Scheduler(store.run, executor, BatchPolicy(False, "the model is not loaded yet"), observer=metrics)
 
     def decide_batching() -> None:
         scheduler.policy = batch_safety(
@@ -56,6 +58,8 @@ def create_app(settings: Settings) -> InferenceApp:
             threading.Thread(target=_exit_if_load_fails, args=(store, settings), daemon=True).start()
         yield
         executor.shutdown(wait=False, cancel_futures=True)
+        if metrics:
+            metrics.flush()  # the last requests' counts: uvicorn then ends the worker by its own signal
 
     api = FastAPI(title="ONNX inference service", lifespan=lifespan, docs_url=None, redoc_url=None)
     api.state.store = store
@@ -79,7 +83,9 @@ def create_app(settings: Settings) -> InferenceApp:
     v2 = Endpoint(store, scheduler, executor, settings.max_body_bytes, open_inference.InferProtocol(store, settings))
     # Also routed in FastAPI, so that other methods get its 405 and "/predict/" its redirect.
     api.router.add_route("/predict", native, methods=["POST"])
-    return InferenceApp(api, native, v2, settings.access_log)
+    if metrics:
+        metrics.attach(api, store, settings.served_name)
+    return InferenceApp(api, native, v2, settings.access_log, metrics)
 
 
 class InferenceApp:
@@ -91,10 +97,12 @@ class InferenceApp:
     "Benchmarks"), and the inference routes, which validate their own input, need none of them.
     """
 
-    def __init__(self, api: FastAPI, predict: Endpoint, infer: Endpoint, access_log: bool = True):
+    def __init__(
+        self, api: FastAPI, predict: Endpoint, infer: Endpoint, access_log: bool = True, metrics: Recorder | None = None
+    ):
         self.api, self.predict, self.infer = api, predict, infer
         self.state = api.state
-        self.logged = AccessLog(self._route, access_log)
+        self.logged = AccessLog(self._route, access_log, metrics)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         await self.logged(scope, receive, send)
@@ -239,10 +247,11 @@ def _exit_if_load_fails(store: ModelStore, settings: Settings) -> None:
 
 
 class AccessLog:
-    """One JSON access-log line per request, in Cloud Logging's httpRequest form, carrying the request's trace."""
+    """One JSON access-log line per request, in Cloud Logging's httpRequest form, carrying the request's trace;
+    and the request's route, status and latency for the metrics."""
 
-    def __init__(self, app: Any, enabled: bool = True):
-        self.app, self.enabled = app, enabled
+    def __init__(self, app: Any, enabled: bool = True, metrics: Recorder | None = None):
+        self.app, self.enabled, self.metrics = app, enabled, metrics
         self.lines = logs.AccessLines()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -251,7 +260,7 @@ class AccessLog:
         headers = dict(scope["headers"])
         trace = logs.trace_from_headers(headers.get(b"traceparent"), headers.get(b"x-cloud-trace-context"))
         token = logs.current_trace.set(trace) if trace else None
-        if not self.enabled:
+        if not self.enabled and self.metrics is None:
             try:
                 return await self.app(scope, receive, send)
             finally:
@@ -272,8 +281,10 @@ class AccessLog:
         finally:
             status, size = response
             path = scope["path"]
+            if self.metrics is not None:
+                self.metrics.request(path, status, time.perf_counter() - started)
             level = logging.WARNING if status >= 500 and path != "/health" else logging.INFO  # 503: still loading
-            if self.lines.enabled(level):
+            if self.enabled and self.lines.enabled(level):
                 method = scope["method"]
                 query = scope.get("query_string")
                 client = scope.get("client")
