@@ -6,9 +6,9 @@ them. The gunicorn side is hooks in service/gunicorn.conf.py: `prepare_directory
 once the master is ready, `worker_died` for each worker that exits.
 
 Writing a multiprocess value costs microseconds (a lock and an mmap write per bucket, per counter), several per
-request, 30 times what counting in a dict costs. So the request path only bumps plain Python counters in the
-worker (`Recorder`), written to the files at most METRICS_FLUSH_SECONDS (0.1 s) after a request and at the app's
-shutdown: a scrape sees every request answered more than that long ago.
+request, 30 times what appending to a list costs. So the request path only appends to lists in the worker
+(`Recorder`), turned into counts and written to the files at most METRICS_FLUSH_SECONDS (0.1 s) after a request
+and at the app's shutdown: a scrape sees every request answered more than that long ago.
 
 Everything here imports prometheus_client lazily: the library decides at import whether it is in multiprocess
 mode, so the master must set the directory first.
@@ -23,9 +23,10 @@ import shutil
 import sys
 import tempfile
 import time
-from bisect import bisect_left
 from pathlib import Path
 from typing import Any, Iterable
+
+import numpy as np
 
 log = logging.getLogger("service.metrics")
 
@@ -108,36 +109,29 @@ def app_routes(api: Any) -> list[str]:
 
 
 class _Histogram:
-    """Observations of one histogram since the last flush: per label values, counts per bucket, then the sum."""
+    """Writes many observations of one histogram at once: what `Histogram.observe` does for each value, as one
+    increment per bucket (prometheus-client 0.26's `_buckets` and `_sum`)."""
 
     def __init__(self, family: Any, buckets: Iterable[float]):
-        self.family, self.bounds = family, list(buckets)
-        self.pending: dict[tuple, list] = {}
+        self.family, self.bounds = family, np.asarray(buckets, dtype=np.float64)
         self.children: dict[tuple, Any] = {}
 
-    def observe(self, labels: tuple, value: float) -> None:
-        counts = self.pending.get(labels)
-        if counts is None:
-            counts = self.pending[labels] = [0] * (len(self.bounds) + 2)  # buckets, +Inf, sum
-        counts[bisect_left(self.bounds, value)] += 1  # Prometheus buckets are "less than or equal"
-        counts[-1] += value
-
-    def flush(self) -> None:
-        pending, self.pending = self.pending, {}
-        for labels, counts in pending.items():
-            child = self.children.get(labels)
-            if child is None:
-                child = self.children[labels] = self.family.labels(*labels) if labels else self.family
-            # What Histogram.observe does for one value, for many at once (prometheus-client 0.26).
-            for bucket, count in zip(child._buckets, counts):
-                if count:
-                    bucket.inc(count)
-            child._sum.inc(counts[-1])
+    def observe_all(self, labels: tuple, values: list[float]) -> None:
+        child = self.children.get(labels)
+        if child is None:
+            child = self.children[labels] = self.family.labels(*labels) if labels else self.family
+        # Bucket i counts the values in (bound i-1, bound i]: Prometheus buckets are "less than or equal".
+        counts = np.bincount(np.searchsorted(self.bounds, values, side="left"), minlength=len(self.bounds) + 1)
+        for bucket, count in zip(child._buckets, counts.tolist()):
+            if count:
+                bucket.inc(count)
+        child._sum.inc(sum(values))
 
 
 class Recorder:
     """A worker's metrics. The request path and the scheduler call `request`, `batch` and `queue_depth` on the
-    event loop; they bump plain counters, written to the multiprocess files by `flush`."""
+    event loop; those only append to lists, turned into counts and buckets and written to the multiprocess files
+    by `flush`."""
 
     def __init__(
         self, flush_seconds: float, routes: Iterable[str] = INFER_ROUTES, metric_families: dict[str, Any] | None = None
@@ -145,14 +139,15 @@ class Recorder:
         self.flush_seconds = flush_seconds
         self.families = metric_families or families()
         self.route_name = RouteNames(routes)
-        self.requests: dict[tuple[str, int], int] = {}
+        self.requests: list[tuple[str, int, float]] = []  # (path, status, seconds) since the last flush
+        self.runs: list[tuple[int, int, float]] = []  # (rows, requests, seconds) of each model run since then
+        self.depth: int | None = None  # the queue depth not yet written
+        self.flush_armed = False
         self.request_children: dict[tuple[str, int], Any] = {}
         self.request_seconds = _Histogram(self.families["request_duration_seconds"], LATENCY_BUCKETS)
         self.inference_seconds = _Histogram(self.families["inference_duration_seconds"], LATENCY_BUCKETS)
         self.batch_rows = _Histogram(self.families["batch_rows"], ROWS_BUCKETS)
         self.batch_requests = _Histogram(self.families["batch_requests"], REQUESTS_BUCKETS)
-        self.depth: int | None = None  # the queue depth not yet written
-        self.flush_armed = False
 
     def attach(self, api: Any, store: Any, model_name: str) -> None:
         """Label requests by the routes of `api` (a FastAPI app), and record `store`'s model once it is loaded."""
@@ -160,17 +155,12 @@ class Recorder:
         store.after_load.append(("recording metrics", lambda: self.model_loaded(model_name, store.status)))
 
     def request(self, path: str, status: int, seconds: float) -> None:
-        route = self.route_name(path)
-        key = (route, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        self.request_seconds.observe((route,), seconds)
+        self.requests.append((path, status, seconds))
         if not self.flush_armed:
             self._arm()
 
     def batch(self, rows: int, requests: int, seconds: float) -> None:
-        self.inference_seconds.observe((), seconds)
-        self.batch_rows.observe((), rows)
-        self.batch_requests.observe((), requests)
+        self.runs.append((rows, requests, seconds))
         if not self.flush_armed:
             self._arm()
 
@@ -186,15 +176,27 @@ class Recorder:
     def flush(self) -> None:
         """Write what was recorded since the last flush to this process's multiprocess files."""
         self.flush_armed = False
-        requests, self.requests = self.requests, {}
-        for key, count in requests.items():
+        requests, self.requests = self.requests, []
+        runs, self.runs = self.runs, []
+        depth, self.depth = self.depth, None
+        by_route: dict[str, list[float]] = {}
+        counts: dict[tuple[str, int], int] = {}
+        for path, status, seconds in requests:
+            route = self.route_name(path)
+            by_route.setdefault(route, []).append(seconds)
+            counts[route, status] = counts.get((route, status), 0) + 1
+        for key, count in counts.items():
             child = self.request_children.get(key)
             if child is None:
                 child = self.request_children[key] = self.families["requests"].labels(*key)
             child.inc(count)
-        for histogram in (self.request_seconds, self.inference_seconds, self.batch_rows, self.batch_requests):
-            histogram.flush()
-        depth, self.depth = self.depth, None
+        for route, seconds in by_route.items():
+            self.request_seconds.observe_all((route,), seconds)
+        if runs:
+            rows, served, seconds = (list(column) for column in zip(*runs))
+            self.inference_seconds.observe_all((), seconds)
+            self.batch_rows.observe_all((), rows)
+            self.batch_requests.observe_all((), served)
         if depth is not None:
             self.families["queue_depth"].set(depth)
 
