@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from service import logs, open_inference, openapi
+from service.metrics import Recorder
 from service.model_store import LoadState, ModelStore
 from service.payload import BadRequest, decode_inputs, encode_outputs, rejected_by_model
 from service.scheduler import BatchPolicy, ModelRejected, Scheduler, batch_safety
@@ -39,7 +40,8 @@ RETRY_AFTER_SECONDS = "5"
 def create_app(settings: Settings) -> InferenceApp:
     store = ModelStore(settings)
     executor = ThreadPoolExecutor(max_workers=settings.run_threads, thread_name_prefix="inference")
-    scheduler = Scheduler(store.run, executor, BatchPolicy(False, "the model is not loaded yet"))
+    metrics = Recorder(settings.metrics_flush_seconds) if settings.metrics_port else None
+    scheduler = Scheduler(store.run, executor, BatchPolicy(False, "the model is not loaded yet"), observer=metrics)
 
     def decide_batching() -> None:
         scheduler.policy = batch_safety(
@@ -58,6 +60,8 @@ def create_app(settings: Settings) -> InferenceApp:
             threading.Thread(target=_exit_if_load_fails, args=(store, settings), daemon=True).start()
         yield
         executor.shutdown(wait=False, cancel_futures=True)
+        if metrics:
+            metrics.flush()  # the last requests' counts: uvicorn then ends the worker by its own signal
 
     api = FastAPI(title="ONNX inference service", lifespan=lifespan, docs_url=None, redoc_url=None)
     api.state.store = store
@@ -84,7 +88,9 @@ def create_app(settings: Settings) -> InferenceApp:
     for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
         api.router.add_route(path, v2, methods=["POST"])
     openapi.install(api, store, settings)
-    return InferenceApp(api, native, v2, settings.access_log)
+    if metrics:  # after every route: it labels requests by route template
+        metrics.attach(api, store, settings.served_name)
+    return InferenceApp(api, native, v2, settings.access_log, metrics)
 
 
 def _freeze_heap() -> None:
@@ -104,10 +110,12 @@ class InferenceApp:
     "Benchmarks"), and the inference routes, which validate their own input, need none of them.
     """
 
-    def __init__(self, api: FastAPI, predict: Endpoint, infer: Endpoint, access_log: bool = True):
+    def __init__(
+        self, api: FastAPI, predict: Endpoint, infer: Endpoint, access_log: bool = True, metrics: Recorder | None = None
+    ):
         self.api, self.predict, self.infer = api, predict, infer
         self.state = api.state
-        self.logged = AccessLog(self._route, access_log)
+        self.logged = AccessLog(self._route, access_log, metrics)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         await self.logged(scope, receive, send)
@@ -252,10 +260,11 @@ def _exit_if_load_fails(store: ModelStore, settings: Settings) -> None:
 
 
 class AccessLog:
-    """One JSON access-log line per request, in Cloud Logging's httpRequest form, carrying the request's trace."""
+    """One JSON access-log line per request, in Cloud Logging's httpRequest form, carrying the request's trace;
+    and the request's route, status and latency for the metrics."""
 
-    def __init__(self, app: Any, enabled: bool = True):
-        self.app, self.enabled = app, enabled
+    def __init__(self, app: Any, enabled: bool = True, metrics: Recorder | None = None):
+        self.app, self.enabled, self.metrics = app, enabled, metrics
         self.lines = logs.AccessLines()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -264,7 +273,7 @@ class AccessLog:
         headers = dict(scope["headers"])
         trace = logs.trace_from_headers(headers.get(b"traceparent"), headers.get(b"x-cloud-trace-context"))
         token = logs.current_trace.set(trace) if trace else None
-        if not self.enabled:
+        if not self.enabled and self.metrics is None:
             try:
                 return await self.app(scope, receive, send)
             finally:
@@ -285,8 +294,10 @@ class AccessLog:
         finally:
             status, size = response
             path = scope["path"]
+            if self.metrics is not None:
+                self.metrics.request(path, status, time.perf_counter() - started)
             level = logging.WARNING if status >= 500 and path != "/health" else logging.INFO  # 503: still loading
-            if self.lines.enabled(level):
+            if self.enabled and self.lines.enabled(level):
                 method = scope["method"]
                 query = scope.get("query_string")
                 client = scope.get("client")

@@ -8,7 +8,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from service import logs  # noqa: E402
+from service import logs, metrics  # noqa: E402
 from service.settings import SettingsError, load_settings  # noqa: E402
 
 try:
@@ -46,3 +46,22 @@ loglevel = _settings.log_level
 
 def post_worker_init(worker):
     logs.JsonFormatter.project = _settings.google_cloud_project
+
+
+# Prometheus metrics summed over the workers (service/metrics.py), served by this master on METRICS_PORT.
+if _settings.metrics_port:
+
+    def on_starting(server):
+        metrics.prepare_directory()  # before any worker imports prometheus_client
+
+    def when_ready(server):
+        metrics.serve(_settings.host, _settings.metrics_port)
+
+    def post_fork(server, worker):
+        metrics.close_in_worker()
+
+    def child_exit(server, worker):
+        metrics.worker_died(worker.pid)
+
+    def on_exit(server):
+        metrics.remove_directory()

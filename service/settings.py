@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GS_URI = re.compile(r"^gs://(?P<bucket>[a-z0-9][a-z0-9._-]{1,220}[a-z0-9])/(?P<name>[^#]+?)(?:#(?P<generation>\d+))?$")
@@ -129,6 +129,13 @@ class Settings(BaseSettings):
         account = self.gcp_service_account
         return self.google_cloud_project or account.partition("@")[2].removesuffix(".iam.gserviceaccount.com")
 
+    # --- Prometheus metrics (service/metrics.py), served by the gunicorn master on their own port ---
+    metrics_port: int = Field(
+        9091, ge=0, le=65535, description="port of /metrics, never the public one; 0: no metrics (HOST is the address)"
+    )
+    metrics_flush_seconds: float = Field(
+        0.1, gt=0, le=60, description="a worker writes its counts for the scrape at most this long after a request"
+    )
 
     @field_validator("log_level", "batching", mode="before")
     @classmethod
@@ -147,6 +154,13 @@ class Settings(BaseSettings):
         value = value.strip()
         if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
             raise ValueError("MODEL_NAME must be letters, digits, '_', '.' or '-' (it is part of the V2 URL paths)")
+        return value
+
+    @field_validator("metrics_port")
+    @classmethod
+    def _metrics_apart(cls, value: int, info: ValidationInfo) -> int:
+        if value and value == info.data.get("port"):
+            raise ValueError("METRICS_PORT must differ from PORT: metrics are never served on the public port (0: off)")
         return value
 
     @field_validator("model_sha256")

@@ -236,7 +236,7 @@ def test_port_unset_listens_on_all_interfaces_port_8080(demo_model, tmp_path):
     if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("ip")):
         missing_tool("a private network namespace needs root, unshare (util-linux) and ip (iproute2)")
     env = service_env(str(demo_model), 0)
-    del env["PORT"], env["HOST"]
+    del env["PORT"], env["HOST"], env["METRICS_PORT"]
     gunicorn = " ".join(GUNICORN)
     script = f"""
 set -e
@@ -264,4 +264,4 @@ wait $pid
     assert result.returncode == 0, result.stderr + (tmp_path / "service.log").read_text()
     assert '"model_loaded": true' in result.stdout
     listening = [line.split()[3] for line in result.stdout.splitlines() if line.startswith("LISTEN")]
-    assert listening == ["0.0.0.0:8080"]
+    assert sorted(listening) == ["0.0.0.0:8080", "0.0.0.0:9091"]  # the service, and its metrics (METRICS_PORT)

@@ -73,6 +73,8 @@ class Service:
 def service_env(model_uri: str, port: int, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in {"MODEL_SHA256", "WEB_CONCURRENCY", "PORT"}}
     env.update(MODEL_URI=model_uri, PORT=str(port), HOST="127.0.0.1", EXIT_ON_LOAD_FAILURE_AFTER="-1")
+    # Metrics on, as deployed, but not on the default 9091: services of parallel runs share this loopback.
+    env["METRICS_PORT"] = str(next(p for p in iter(free_port, None) if p != port))
     env.update(extra)
     return env
 

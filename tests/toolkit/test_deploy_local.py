@@ -19,6 +19,7 @@ def test_deploy_local_on_a_fresh_clone_serves_the_demo_model(tmp_path):
     port = free_port()
     # runtime=process: no Docker engine is assumed on a newcomer's machine (the image tests cover Docker).
     env = {**os.environ, "INVOKE_LOCAL_PORT": str(port), "INVOKE_LOCAL_RUNTIME": "process"}
+    env["METRICS_PORT"] = str(free_port())  # not the default 9091, which parallel runs on this machine share
     invoke = [sys.executable, "-m", "invoke"]
     try:
         result = subprocess.run([*invoke, "deploy", "--target", "local"], cwd=clone, env=env, capture_output=True,
