@@ -118,15 +118,15 @@ class InferenceApp:
         self.logged = AccessLog(self._route, access_log, metrics)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        await self.logged(scope, receive, send)
-
-    async def _route(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             path = scope["path"]
             if path == "/predict":
-                return await self.predict(scope, receive, send)
+                return await self.logged.direct(self.predict, scope, receive, send)
             if path.startswith("/v2/models/") and path.endswith("/infer"):
-                return await self.infer(scope, receive, send)
+                return await self.logged.direct(self.infer, scope, receive, send)
+        await self.logged(scope, receive, send)
+
+    async def _route(self, scope: dict, receive: Any, send: Any) -> None:
         await self.api(scope, receive, send)
 
 
@@ -165,6 +165,10 @@ class Endpoint:
         self.max_body_bytes, self.protocol = max_body_bytes, protocol
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        await self.handle(scope, receive, send, dict(scope["headers"]))
+
+    async def handle(self, scope: dict, receive: Any, send: Any, headers: dict[bytes, bytes]) -> tuple[int, int]:
+        """Answer the request; returns (status, body bytes) for the access log."""
         protocol = self.protocol
         refused = protocol.route_error(scope) or not_ready_reason(self.store)
         if refused:
@@ -172,8 +176,7 @@ class Endpoint:
             extra = [(b"retry-after", RETRY_AFTER_SECONDS.encode())] if status == 503 else []
             return await _send(send, *protocol.error(message, status), [JSON_CONTENT, *extra])
         try:
-            body = await read_body(scope, receive, self.max_body_bytes)
-            headers = dict(scope["headers"])
+            body = await read_body(headers, receive, self.max_body_bytes)
             loop = asyncio.get_running_loop()
             if len(body) > INLINE_BODY_BYTES:
                 # The request's trace id rides along to log lines written in the pool.
@@ -193,19 +196,20 @@ class Endpoint:
         except BadRequest as exc:
             return await _send(send, *protocol.error(str(exc), exc.status), [JSON_CONTENT])
         except ClientDisconnect:
-            return  # the client went away mid-body: no one to answer, nothing to log but the access line
-        await _send(send, 200, payload, headers_out)
+            return 499, 0  # the client went away mid-body: no one to answer, nothing to log but the access line
+        return await _send(send, 200, payload, headers_out)
 
 
 def _output_bytes(values: list) -> int:
     return sum(value.nbytes if isinstance(value, np.ndarray) else INLINE_OUTPUT_BYTES for value in values)
 
 
-async def _send(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+async def _send(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> tuple[int, int]:
     # The messages starlette's Response sends, without building one.
     headers = [(b"content-length", str(len(body)).encode()), *headers]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+    return status, len(body)
 
 
 def not_ready_reason(store: ModelStore) -> tuple[int, str] | None:
@@ -224,8 +228,8 @@ def not_ready(store: ModelStore) -> JSONResponse | None:
     return JSONResponse({"detail": reason[1]}, status_code=reason[0], headers={"Retry-After": RETRY_AFTER_SECONDS})
 
 
-async def read_body(scope: dict, receive: Any, limit: int) -> bytes:
-    declared = next((value.decode() for name, value in scope["headers"] if name == b"content-length"), None)
+async def read_body(headers: dict[bytes, bytes], receive: Any, limit: int) -> bytes:
+    declared = headers.get(b"content-length", b"").decode("latin-1")
     if declared and declared.isdigit() and int(declared) > limit:
         raise BadRequest(f"request body of {declared} bytes is over the {limit}-byte limit (MAX_BODY_BYTES)", 413)
     chunks, size = [], 0
@@ -261,7 +265,11 @@ def _exit_if_load_fails(store: ModelStore, settings: Settings) -> None:
 
 class AccessLog:
     """One JSON access-log line per request, in Cloud Logging's httpRequest form, carrying the request's trace;
-    and the request's route, status and latency for the metrics."""
+    and the request's route, status and latency for the metrics.
+
+    Every route but the inference ones goes through `__call__`, which watches the answer go out; the inference
+    routes, the hot path, go through `direct` and report their status and size themselves.
+    """
 
     def __init__(self, app: Any, enabled: bool = True, metrics: Recorder | None = None):
         self.app, self.enabled, self.metrics = app, enabled, metrics
@@ -271,14 +279,7 @@ class AccessLog:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        trace = logs.trace_from_headers(headers.get(b"traceparent"), headers.get(b"x-cloud-trace-context"))
-        token = logs.current_trace.set(trace) if trace else None
-        if not self.enabled and self.metrics is None:
-            try:
-                return await self.app(scope, receive, send)
-            finally:
-                if token:
-                    logs.current_trace.reset(token)
+        token = _trace(headers)
         started = time.perf_counter()
         response = [500, 0]  # status, body bytes
 
@@ -290,29 +291,36 @@ class AccessLog:
             await send(message)
 
         try:
-            await self.app(scope, receive, record)
+            await self.app(scope, receive, record if self.enabled or self.metrics else send)
         finally:
-            status, size = response
-            path = scope["path"]
-            if self.metrics is not None:
-                self.metrics.request(path, status, time.perf_counter() - started)
+            self.finish(scope, headers, response[0], response[1], started, token)
+
+    async def direct(self, endpoint: Endpoint, scope: dict, receive: Any, send: Any) -> None:
+        headers = dict(scope["headers"])
+        token = _trace(headers)
+        started = time.perf_counter()
+        status = size = 0
+        try:
+            status, size = await endpoint.handle(scope, receive, send, headers)
+        finally:
+            self.finish(scope, headers, status or 500, size, started, token)
+
+    def finish(self, scope: dict, headers: dict, status: int, size: int, started: float, token: Any) -> None:
+        path = scope["path"]
+        if self.metrics is not None:
+            self.metrics.request(path, status, time.perf_counter() - started)
+        if self.enabled:
             level = logging.WARNING if status >= 500 and path != "/health" else logging.INFO  # 503: still loading
-            if self.enabled and self.lines.enabled(level):
-                method = scope["method"]
-                query = scope.get("query_string")
-                client = scope.get("client")
-                self.lines.write(level, f"{method} {path} {status}", {"httpRequest": {
-                    "requestMethod": method,
-                    "requestUrl": path + "?" + query.decode("latin-1") if query else path,
-                    "status": status,
-                    "responseSize": str(size),
-                    "latency": f"{time.perf_counter() - started:.6f}s",
-                    "userAgent": headers.get(b"user-agent", b"").decode("utf-8", "replace"),
-                    "remoteIp": client[0] if client else "",
-                    "protocol": "HTTP/" + scope.get("http_version", "1.1"),
-                }})  # fmt: skip
-            if token:
-                logs.current_trace.reset(token)
+            if self.lines.enabled(level):
+                self.lines.request(level, scope, headers, status, size, time.perf_counter() - started)
+        if token is not None:
+            logs.current_trace.reset(token)
+
+
+def _trace(headers: dict[bytes, bytes]) -> Any:
+    """Set the request's trace for every line logged while serving it; the token to reset it, or None."""
+    trace = logs.trace_from_headers(headers.get(b"traceparent"), headers.get(b"x-cloud-trace-context"))
+    return logs.current_trace.set(trace) if trace else None
 
 
 def _app_from_environment() -> InferenceApp:

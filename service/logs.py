@@ -75,6 +75,9 @@ def add_trace(entry: dict[str, object], project: str) -> None:
         entry["logging.googleapis.com/trace_sampled"] = sampled
 
 
+_LEVEL_NAMES = {logging.INFO: "INFO", logging.WARNING: "WARNING"}
+
+
 class AccessLines:
     """Access-log lines in the same JSON form as every other line, written without the logging machinery.
 
@@ -91,19 +94,38 @@ class AccessLines:
     def enabled(self, level: int) -> bool:
         return self.logger.isEnabledFor(level)
 
-    def write(self, level: int, message: str, fields: dict[str, Any]) -> None:
+    def request(self, level: int, scope: dict, headers: dict[bytes, bytes], status: int, size: int, seconds: float) -> None:
+        """The line for one request, in Cloud Logging's httpRequest form."""
+        method, path = scope["method"], scope["path"]
+        query = scope.get("query_string")
+        client = scope.get("client")
+        self.write(level, f"{method} {path} {status}", {
+            "requestMethod": method,
+            "requestUrl": path + "?" + query.decode("latin-1") if query else path,
+            "status": status,
+            "responseSize": str(size),
+            "latency": f"{seconds:.6f}s",
+            "userAgent": headers.get(b"user-agent", b"").decode("utf-8", "replace"),
+            "remoteIp": client[0] if client else "",
+            "protocol": "HTTP/" + scope.get("http_version", "1.1"),
+        })  # fmt: skip
+
+    def write(self, level: int, message: str, http_request: dict[str, Any]) -> None:
         now = time.time()
+        second = int(now)
         entry = {
-            "severity": logging.getLevelName(level),
+            "severity": _LEVEL_NAMES.get(level) or logging.getLevelName(level),
             "message": message,
-            "time": _utc_second(int(now)) + f".{int(now * 1000) % 1000:03d}Z",
+            "time": f"{_utc_second(second)}.{int((now - second) * 1000):03d}Z",
             "logger": "service.access",
-            **fields,
+            "httpRequest": http_request,
         }
-        add_trace(entry, JsonFormatter.project)
+        trace = current_trace.get()
+        if trace:
+            add_trace(entry, JsonFormatter.project)
         if not self.pending:
             asyncio.get_running_loop().call_soon(self.flush)
-        self.pending.append(orjson.dumps(entry, default=str) + b"\n")
+        self.pending.append(orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE))
 
     def flush(self) -> None:
         data = b"".join(self.pending)

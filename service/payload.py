@@ -103,12 +103,14 @@ def json_to_array(value: Any, spec: TensorSpec, *, may_hold_booleans: bool = Tru
             if low < info.min or high > info.max:
                 raise _out_of_range(spec, info.min, info.max, low if low < info.min else high)
         return array.astype(target, copy=False)
-    with np.errstate(over="ignore"):  # a value too large becomes inf, found just below
-        result = array.astype(target, copy=False)
-    if target.itemsize < array.dtype.itemsize and array.size and np.isinf(result).any():
-        info = np.finfo(target)
-        raise _out_of_range(spec, float(info.min), float(info.max), array[np.isinf(result)].flat[0])
-    return result
+    if target.itemsize < array.dtype.itemsize and array.size:
+        # A value that would round to infinity in the narrower float: checked before the cast, which is cheaper
+        # than casting under np.errstate and looking for inf after it.
+        limit = _ROUNDS_TO_INF[target.itemsize]
+        if max(array.max(), -array.min()) >= limit:
+            info = np.finfo(target)
+            raise _out_of_range(spec, float(info.min), float(info.max), array[np.abs(array) >= limit].flat[0])
+    return array.astype(target, copy=False)
 
 
 def check_shape(array: np.ndarray, spec: TensorSpec) -> None:
@@ -249,6 +251,9 @@ def _whole_numbers(value: Any, spec: TensorSpec, info: np.iinfo) -> np.ndarray:
     return exact.astype(spec.dtype)
 
 
+# The smallest magnitude that rounds to infinity when cast to float32 / float16 (half-way past the largest finite
+# value: 2**128 - 2**103 and 65520).
+_ROUNDS_TO_INF = {4: float(2**128 - 2**103), 2: 65520.0}
 _EXACT_FLOAT = 2**53  # floats up to this are whole numbers exactly; beyond it they stand for several
 
 

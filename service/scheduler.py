@@ -23,7 +23,7 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -70,14 +70,24 @@ class BatchPolicy:
         }
 
 
-@dataclass
 class _Pending:
-    feeds: Feeds
-    rows: int
-    key: tuple
-    future: asyncio.Future | None  # None for a batch's leader, which runs the batch in its own task
-    context: contextvars.Context | None
-    queued_at: float = field(default_factory=time.perf_counter)
+    """One request waiting for (or leading) a batch. Its batch key is worked out only when there is something to
+    compare it with: a request that runs alone never needs it."""
+
+    __slots__ = ("feeds", "rows", "future", "context", "queued_at", "_key")
+
+    def __init__(self, feeds: Feeds, rows: int, future: asyncio.Future | None, context: contextvars.Context | None):
+        self.feeds, self.rows = feeds, rows
+        self.future = future  # None for a batch's leader, which runs the batch in its own task
+        self.context = context
+        self.queued_at = time.perf_counter()
+        self._key: tuple | None = None
+
+    @property
+    def key(self) -> tuple:
+        if self._key is None:
+            self._key = _key(self.feeds)
+        return self._key
 
 
 class Scheduler:
@@ -120,8 +130,8 @@ class Scheduler:
         if rows is None:  # not batchable: run it alone, several at once in the pool as before
             return await self._run_alone(loop, feeds)
         if not self.busy and policy.delay == 0:
-            return await self._lead(loop, _Pending(feeds, rows, _key(feeds), None, None))
-        pending = _Pending(feeds, rows, _key(feeds), loop.create_future(), contextvars.copy_context())
+            return await self._lead(loop, _Pending(feeds, rows, None, None))
+        pending = _Pending(feeds, rows, loop.create_future(), contextvars.copy_context())
         self.queue.append(pending)
         self._observe_depth()
         if not self.busy:
@@ -198,9 +208,9 @@ class Scheduler:
     def _take(self, first: _Pending | None = None) -> list[_Pending]:
         """Queued requests for the next batch: `first` (default: the oldest queued) and every queued request of
         the same shape after it, up to max_rows rows in all. Returns those taken from the queue."""
+        if not self.queue:
+            return []
         if first is None:
-            if not self.queue:
-                return []
             first = self.queue.popleft()
             taken = [first]
         else:
