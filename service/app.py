@@ -111,7 +111,7 @@ class InferenceApp:
     """
 
     def __init__(
-        self, api: FastAPI, predict: Endpoint, infer: Endpoint, access_log: bool = True, metrics: Recorder | None = None
+        self, api: FastAPI, predict: Endpoint, infer: Endpoint, access_log: str = "all", metrics: Recorder | None = None
     ):
         self.api, self.predict, self.infer = api, predict, infer
         self.state = api.state
@@ -271,8 +271,11 @@ class AccessLog:
     routes, the hot path, go through `direct` and report their status and size themselves.
     """
 
-    def __init__(self, app: Any, enabled: bool = True, metrics: Recorder | None = None):
-        self.app, self.enabled, self.metrics = app, enabled, metrics
+    def __init__(self, app: Any, mode: str = "all", metrics: Recorder | None = None):
+        """mode: "all" requests, only "errors" (answers >= 400), or "off" (ACCESS_LOG)."""
+        self.app, self.metrics = app, metrics
+        self.enabled = mode != "off"
+        self.lowest_status = 400 if mode == "errors" else 0
         self.lines = logs.AccessLines()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -309,7 +312,7 @@ class AccessLog:
         path = scope["path"]
         if self.metrics is not None:
             self.metrics.request(path, status, time.perf_counter() - started)
-        if self.enabled:
+        if self.enabled and status >= self.lowest_status:
             level = logging.WARNING if status >= 500 and path != "/health" else logging.INFO  # 503: still loading
             if self.lines.enabled(level):
                 self.lines.request(level, scope, headers, status, size, time.perf_counter() - started)

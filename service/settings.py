@@ -91,7 +91,10 @@ class Settings(BaseSettings):
     max_batch_delay_ms: float = Field(
         0.0, ge=0, le=1000, description="wait up to this for a fuller batch (0: never wait; batches form under load)"
     )
-    access_log: bool = Field(True, description="one JSON line per request (Cloud Run also keeps its own request log)")
+    access_log: Literal["all", "errors", "off"] = Field(
+        "errors", description="access-log lines: every request, only answers >= 400, or none (the platforms log "
+        "every request themselves; a line per request costs a small model about a tenth of its throughput)"
+    )
 
     # --- Models users bring (issue 11): a real warm-up example ---
     warmup_input: str = Field(
@@ -137,10 +140,11 @@ class Settings(BaseSettings):
         0.1, gt=0, le=60, description="a worker writes its counts for the scrape at most this long after a request"
     )
 
-    @field_validator("log_level", "batching", mode="before")
+    @field_validator("log_level", "batching", "access_log", mode="before")
     @classmethod
     def _lower_level(cls, value: object) -> object:
-        return value.lower() if isinstance(value, str) else value
+        value = value.lower() if isinstance(value, str) else value
+        return {"true": "all", "1": "all", "yes": "all", "false": "off", "0": "off", "no": "off"}.get(value, value)
 
     @field_validator("model_uri")
     @classmethod

@@ -1,5 +1,7 @@
 """The app in-process (its lifespan run by TestClient) with real onnxruntime sessions on real models."""
 
+import json
+
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -179,7 +181,7 @@ def logged(demo_model):
 
     from service import logs
 
-    client = client_for(demo_model, GOOGLE_CLOUD_PROJECT="proj")
+    client = client_for(demo_model, GOOGLE_CLOUD_PROJECT="proj", ACCESS_LOG="all")
     client.app.logged.lines.stream = io.BytesIO()
     logs.JsonFormatter.project = "proj"  # what gunicorn.conf.py sets in each worker
     access = logging.getLogger("service.access")
@@ -223,3 +225,31 @@ def test_a_malformed_trace_header_is_ignored_on_every_route(logged, headers):
     lines = access_lines(logged, 3)
     assert [line["httpRequest"]["status"] for line in lines] == [200, 200, 200]
     assert not any("logging.googleapis.com/trace" in line for line in lines)
+
+
+@pytest.mark.parametrize(("mode", "logged_statuses"), [("all", [200, 422]), ("errors", [422]), ("off", [])])
+def test_access_log_modes(demo_model, mode, logged_statuses):
+    import io
+    import logging
+    import time
+
+    client = client_for(demo_model, ACCESS_LOG=mode)
+    client.app.logged.lines.stream = io.BytesIO()
+    access = logging.getLogger("service.access")
+    level = access.level
+    access.setLevel(logging.INFO)
+    try:
+        assert client.post("/predict", json={"inputs": [[1, 2, 3, 4]]}).status_code == 200
+        assert client.post("/predict", json={"inputs": [[1, 2, 3]]}).status_code == 422
+        time.sleep(0.2)  # the lines of a loop turn are written at its end
+        lines = [json.loads(line) for line in client.app.logged.lines.stream.getvalue().splitlines()]
+    finally:
+        access.setLevel(level)
+        client.__exit__(None, None, None)
+    assert [line["httpRequest"]["status"] for line in lines] == logged_statuses
+
+
+def test_access_log_accepts_true_and_false(demo_model):
+    assert load_settings({"MODEL_URI": str(demo_model), "ACCESS_LOG": "true"}).access_log == "all"
+    assert load_settings({"MODEL_URI": str(demo_model), "ACCESS_LOG": "False"}).access_log == "off"
+    assert load_settings({"MODEL_URI": str(demo_model)}).access_log == "errors"

@@ -189,7 +189,7 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_0(tmp_path):
 
 
 def test_logs_are_json_lines_with_severity_and_the_cloud_run_trace(demo_model, tmp_path):
-    with run_service(str(demo_model), tmp_path, GOOGLE_CLOUD_PROJECT="my-proj") as service:
+    with run_service(str(demo_model), tmp_path, GOOGLE_CLOUD_PROJECT="my-proj", ACCESS_LOG="all") as service:
         service.wait_state("ready")
         trace = "105445aa7843bc8bf206b12000100000"
         service.predict({"inputs": [[1, 2, 3, 4]]}, headers={"X-Cloud-Trace-Context": f"{trace}/1;o=1"})
