@@ -181,7 +181,12 @@ class Endpoint:
             if len(body) > INLINE_BODY_BYTES:
                 # The request's trace id rides along to log lines written in the pool.
                 handle = contextvars.copy_context().run
-                feeds, request = await loop.run_in_executor(self.executor, handle, protocol.decode, body, headers)
+                decoded, answer = await loop.run_in_executor(self.executor, handle, self._large, body, headers)
+                if answer is not None:
+                    ran, seconds, (payload, headers_out) = answer
+                    self.scheduler.record(ran, seconds)
+                    return await _send(send, 200, payload, headers_out)
+                feeds, request = decoded
             else:
                 feeds, request = protocol.decode(body, headers)
             try:
@@ -198,6 +203,19 @@ class Endpoint:
         except ClientDisconnect:
             return 499, 0  # the client went away mid-body: no one to answer, nothing to log but the access line
         return await _send(send, 200, payload, headers_out)
+
+
+    def _large(self, body: bytes, headers: dict[bytes, bytes]) -> tuple[tuple[dict, Any] | None, Any]:
+        """In the pool: decode a large body; a request too big to share a batch is run and encoded here too, in
+        the same hop. ((feeds, request) to schedule, None) or (None, (feeds, seconds, (payload, headers)))."""
+        feeds, request = self.protocol.decode(body, headers)
+        if self.scheduler.would_batch(feeds):
+            return (feeds, request), None
+        try:
+            values, seconds = self.scheduler.run_now(feeds)
+        except ModelRejected as exc:
+            raise rejected_by_model(exc.cause, self.store.inputs, feeds) from None
+        return None, (feeds, seconds, self.protocol.encode(request, values))
 
 
 def _output_bytes(values: list) -> int:

@@ -122,6 +122,28 @@ class Scheduler:
             },
         }
 
+    def would_batch(self, feeds: Feeds) -> bool:
+        """Whether these feeds could share a run with others: batching on and fewer rows than a full batch."""
+        rows = _rows(feeds) if self.policy.enabled else None
+        return rows is not None and rows < self.policy.max_rows
+
+    def run_now(self, feeds: Feeds) -> tuple[list[Any], float]:
+        """Run one request alone in the calling thread (the pool), for requests that fill a batch by themselves:
+        (outputs, seconds). The caller reports it with `record` once back on the event loop."""
+        started = time.perf_counter()
+        try:
+            outputs = self.runner(feeds)
+        except Exception as exc:
+            raise ModelRejected(exc) from None
+        return outputs, time.perf_counter() - started
+
+    def record(self, feeds: Feeds, seconds: float) -> None:
+        """Count a run made outside the scheduler (`run_now`), on the event loop."""
+        rows = _rows(feeds) or 1
+        self._count(rows, 1)
+        if self.observer is not None:
+            self.observer.batch(rows, 1, seconds)
+
     async def submit(self, feeds: Feeds) -> list[Any]:
         """The model's outputs for `feeds`, run alone or as part of a batch; raises ModelRejected."""
         loop = asyncio.get_running_loop()
@@ -341,7 +363,7 @@ def batch_safety(
     if problem:
         return policy(False, f"off: {problem}")
     try:
-        rows = [_row(inputs, example, seed) for seed in range(3)]
+        rows = [_row(inputs, example, seed) for seed in range(2)]
         alone = [runner(row) for row in rows]
         stacked = runner({name: np.concatenate([row[name] for row in rows]) for name in rows[0]})
     except Exception as exc:
@@ -415,20 +437,26 @@ def _mismatch(alone: list[list[Any]], stacked: list[Any], outputs: Sequence[Any]
 
 
 def _timing(runner: Runner, inputs: Sequence[Any], example: Feeds | None) -> tuple[float, float] | None:
-    """(fixed, per input element) seconds of a run, from the best of a few runs of 1 and of 16 rows."""
+    """(fixed, per input element) seconds of a run, from the best of a few runs of 1 and of 16 rows.
+
+    Only models whose one-row run is under the inline limit are timed with 16 rows: for any other, no run is
+    cheap enough to stay on the event loop, and 16 rows of a large model would cost start-up time and memory
+    (its arena keeps what the largest run took)."""
     try:
         one = _row(inputs, example, 0)
-        many = {name: np.repeat(value, 16, axis=0) if value.ndim else value for name, value in one.items()}
 
         def best(feeds: Feeds) -> float:
             times = []
-            for _ in range(5):
+            for _ in range(3):
                 started = time.perf_counter()
                 runner(feeds)
                 times.append(time.perf_counter() - started)
             return min(times)
 
-        t1, t16 = best(one), best(many)
+        t1 = best(one)
+        if t1 >= INLINE_RUN_SECONDS:
+            return t1, 0.0
+        t16 = best({name: np.repeat(value, 16, axis=0) if value.ndim else value for name, value in one.items()})
     except Exception:
         return None
     elements = sum(value.size for value in one.values())
