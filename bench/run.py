@@ -13,7 +13,7 @@ from typing import Callable
 
 import onnxruntime
 
-from bench import coldstart, image, large_request, throughput, venvs
+from bench import coldstart, external_memory, image, large_request, throughput, venvs
 from bench.loadgen import DESCRIPTION as LOADGEN
 from bench.report import Figure, LoadRow, floors, side_by_side, table, write_json
 from bench.servers import FLOOR_APP, SEED_FASTAPI_APP, SERVICE_APP, gunicorn, litserve
@@ -111,6 +111,7 @@ def run(quick: bool, out: Path = RESULTS, progress: Callable[[str], None] = prin
         figures += start_figures(all_models, emulator.env, logs, plan, progress)
     rows, runtimes = load_rows([DEMO, mlp()], litserve_python, logs, plan, progress)
     figures += large_request_figures(logs, plan, progress)
+    figures += external_memory.figures(WORK, logs, 256 if quick else 1024, plan.serve_requests, progress)
     figures += image_figures()
     host["load_average_after"] = os.getloadavg()
     context.update(runtimes=runtimes, litserve={

@@ -16,6 +16,7 @@ INVOKE = Path(sys.executable).with_name("invoke")
 FIGURES = {
     *(f"{kind}_{model}" for kind in ("ready", "first_health") for model in ("demo", "50mb", "200mb")),
     "peak_rss_200mb",
+    "peak_rss_external",
     "large_request_10k",
     "large_request_10k_v2_json",
     "large_request_10k_v2_binary",

@@ -222,3 +222,28 @@ def dtypes_model(path: Path) -> Path:
         [helper.make_tensor_value_info(f"{name}_out", kind, shape) for name, (kind, shape) in kinds.items()],
     )
     return _save(graph, path)
+
+
+def embedding_model(folder: Path, megabytes: int, width: int = 64) -> Path:
+    """ids int64 [N, 1] -> vectors float32 [N, 1, width]: a lookup in a table of about `megabytes` MB stored as
+    external data beside the model (model.onnx + model.onnx.data), as exporters write large models. A lookup reads
+    a few rows, so memory measures what loading costs, not the inference."""
+    from onnx.external_data_helper import set_external_data
+
+    rows = max(2, megabytes * 1024 * 1024 // 4 // width)
+    table = np.random.default_rng(5).standard_normal((rows, width), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["vectors"], axis=0)],
+        "embedding",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 1])],
+        [helper.make_tensor_value_info("vectors", TensorProto.FLOAT, ["N", 1, width])],
+        initializer=[numpy_helper.from_array(table, "table")],
+    )
+    del table
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    set_external_data(model.graph.initializer[0], "model.onnx.data")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    onnx.save_model(model, path)
+    return path
