@@ -115,7 +115,7 @@ class InferenceApp:
     ):
         self.api, self.predict, self.infer = api, predict, infer
         self.state = api.state
-        self.logged = AccessLog(self._route, access_log, metrics)
+        self.logged = AccessLog(api, access_log, metrics)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
@@ -125,9 +125,6 @@ class InferenceApp:
             if path.startswith("/v2/models/") and path.endswith("/infer"):
                 return await self.logged.direct(self.infer, scope, receive, send)
         await self.logged(scope, receive, send)
-
-    async def _route(self, scope: dict, receive: Any, send: Any) -> None:
-        await self.api(scope, receive, send)
 
 
 class NativeProtocol:
@@ -170,7 +167,8 @@ class Endpoint:
     async def handle(self, scope: dict, receive: Any, send: Any, headers: dict[bytes, bytes]) -> tuple[int, int]:
         """Answer the request; returns (status, body bytes) for the access log."""
         protocol = self.protocol
-        refused = protocol.route_error(scope) or not_ready_reason(self.store)
+        unavailable = self.store.unavailable()
+        refused = protocol.route_error(scope) or (unavailable and (503, unavailable))
         if refused:
             status, message = refused
             extra = [(b"retry-after", RETRY_AFTER_SECONDS.encode())] if status == 503 else []
@@ -230,20 +228,11 @@ async def _send(send: Any, status: int, body: bytes, headers: list[tuple[bytes, 
     return status, len(body)
 
 
-def not_ready_reason(store: ModelStore) -> tuple[int, str] | None:
-    status = store.status
-    if status.state is LoadState.READY:
-        return None
-    if status.state is LoadState.FAILED:
-        return 503, f"the model failed to load and will not be served: {status.error}"
-    return 503, f"the model is still loading ({status.step}); retry shortly"
-
-
 def not_ready(store: ModelStore) -> JSONResponse | None:
-    reason = not_ready_reason(store)
+    reason = store.unavailable()
     if reason is None:
         return None
-    return JSONResponse({"detail": reason[1]}, status_code=reason[0], headers={"Retry-After": RETRY_AFTER_SECONDS})
+    return JSONResponse({"detail": reason}, status_code=503, headers={"Retry-After": RETRY_AFTER_SECONDS})
 
 
 async def read_body(headers: dict[bytes, bytes], receive: Any, limit: int) -> bytes:

@@ -120,9 +120,7 @@ class AccessLines:
             "logger": "service.access",
             "httpRequest": http_request,
         }
-        trace = current_trace.get()
-        if trace:
-            add_trace(entry, JsonFormatter.project)
+        add_trace(entry, JsonFormatter.project)
         if not self.pending:
             asyncio.get_running_loop().call_soon(self.flush)
         self.pending.append(orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE))

@@ -164,6 +164,16 @@ class ModelStore:
     def ready(self) -> bool:
         return self.status.state is LoadState.READY
 
+    def unavailable(self) -> str | None:
+        """Why predictions are refused now (still loading, or a failed load with its reason); None when ready.
+        Every protocol's 503 says this."""
+        status = self.status
+        if status.state is LoadState.READY:
+            return None
+        if status.state is LoadState.FAILED:
+            return f"the model failed to load and will not be served: {status.error}"
+        return f"the model is still loading ({status.step}); retry shortly"
+
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.load, name="model-load", daemon=True)
         thread.start()

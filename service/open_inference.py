@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from service import v2
-from service.model_store import LoadState, ModelStore
+from service.model_store import ModelStore
 from service.settings import Settings
 
 SERVER_NAME = "onnx-serve"
@@ -42,12 +42,6 @@ def add_routes(api: FastAPI, store: ModelStore, settings: Settings) -> None:
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
 
-    def refusal() -> JSONResponse | None:
-        if store.status.state is LoadState.READY:
-            return None
-        if store.status.state is LoadState.FAILED:
-            return error(503, f"the model failed to load and will not be served: {store.status.error}")
-        return error(503, f"the model is still loading ({store.status.step}); retry shortly")
 
     @api.get("/v2", include_in_schema=True, tags=["v2"])
     async def server_metadata() -> dict:
@@ -59,27 +53,27 @@ def add_routes(api: FastAPI, store: ModelStore, settings: Settings) -> None:
 
     @api.get("/v2/health/ready", tags=["v2"])
     async def ready() -> JSONResponse:
-        if store.ready:
+        unavailable = store.unavailable()
+        if unavailable is None:
             return JSONResponse({"ready": True})
-        refused = refusal()
-        assert refused is not None
-        return JSONResponse({"ready": False, "error": orjson.loads(refused.body)["error"]}, status_code=503)
+        return JSONResponse({"ready": False, "error": unavailable}, status_code=503)
 
     async def model_ready(name: str, version: str | None = None) -> JSONResponse:
         missing = find_model(store, name, version, served)
         if missing:
             return error(*missing)
-        if not store.ready:
-            return JSONResponse({"name": name, "ready": False, "error": orjson.loads(refusal().body)["error"]}, 503)
+        unavailable = store.unavailable()
+        if unavailable is not None:
+            return JSONResponse({"name": name, "ready": False, "error": unavailable}, 503)
         return JSONResponse({"name": name, "ready": True})
 
     async def model_metadata(name: str, version: str | None = None) -> JSONResponse:
         missing = find_model(store, name, version, served)
         if missing:
             return error(*missing)
-        refused = refusal()
-        if refused:
-            return refused
+        unavailable = store.unavailable()
+        if unavailable is not None:
+            return error(503, unavailable)
         current = model_version(store)
         return JSONResponse({
             "name": served,

@@ -138,11 +138,8 @@ class Scheduler:
         return outputs, time.perf_counter() - started
 
     def record(self, feeds: Feeds, seconds: float) -> None:
-        """Count a run made outside the scheduler (`run_now`), on the event loop."""
-        rows = _rows(feeds) or 1
-        self._count(rows, 1)
-        if self.observer is not None:
-            self.observer.batch(rows, 1, seconds)
+        """Count a run of one request made outside a batch (`run_now`, `_run_alone`), on the event loop."""
+        self._count(_rows(feeds) or 1, 1, seconds)
 
     async def submit(self, feeds: Feeds) -> list[Any]:
         """The model's outputs for `feeds`, run alone or as part of a batch; raises ModelRejected."""
@@ -276,10 +273,7 @@ class Scheduler:
             return False, exc
 
     def _finish(self, loop, batch: list[_Pending], results: list[tuple[bool, Any]], started: float) -> None:
-        rows = sum(p.rows for p in batch)
-        self._count(rows, len(batch))
-        if self.observer is not None:
-            self.observer.batch(rows, len(batch), time.perf_counter() - started)
+        self._count(sum(p.rows for p in batch), len(batch), time.perf_counter() - started)
         for pending, (ok, value) in zip(batch, results):
             if pending.future is None or pending.future.done():  # the leader; a client that went away
                 continue
@@ -296,17 +290,17 @@ class Scheduler:
             outputs = await loop.run_in_executor(self.executor, context.run, self.runner, feeds)
         except Exception as exc:
             raise ModelRejected(exc) from None
-        rows = _rows(feeds) or 1
-        self._count(rows, 1)
-        if self.observer is not None:
-            self.observer.batch(rows, 1, time.perf_counter() - started)
+        self.record(feeds, time.perf_counter() - started)
         return outputs
 
-    def _count(self, rows: int, requests: int) -> None:
+    def _count(self, rows: int, requests: int, seconds: float) -> None:
+        """One run done: this worker's stats for /health, and the metrics."""
         self.runs += 1
         self.requests += requests
         self.largest_rows = max(self.largest_rows, rows)
         self.largest_requests = max(self.largest_requests, requests)
+        if self.observer is not None:
+            self.observer.batch(rows, requests, seconds)
 
     def _observe_depth(self) -> None:
         if self.observer is not None:
@@ -381,17 +375,13 @@ def batch_safety(
 def _structural_problem(inputs: Sequence[Any], outputs: Sequence[Any]) -> str | None:
     for kind, specs in (("input", inputs), ("output", outputs)):
         for spec in specs:
-            if spec.dtype is None and not _is_string(spec):
+            if spec.dtype is None:
                 return f"{kind} {spec.name!r} is a {spec.ort_type}, not a tensor"
             if not spec.shape:
                 return f"{kind} {spec.name!r} is a scalar (rank 0), so it has no batch dimension"
             if isinstance(spec.shape[0], int):
                 return f"{kind} {spec.name!r} has a fixed first dimension ({spec.shape[0]})"
     return None
-
-
-def _is_string(spec: Any) -> bool:
-    return spec.ort_type == "tensor(string)"
 
 
 def _row(inputs: Sequence[Any], example: Feeds | None, seed: int) -> Feeds:
@@ -408,9 +398,9 @@ def _row(inputs: Sequence[Any], example: Feeds | None, seed: int) -> Feeds:
 
 
 def _random(rng: np.random.Generator, spec: Any, shape: tuple[int, ...]) -> np.ndarray:
-    if _is_string(spec):
-        return rng.choice(np.array(["a", "b", "c"], dtype=object), size=shape)
     dtype = spec.dtype
+    if dtype.kind == "O":  # tensor(string)
+        return rng.choice(np.array(["a", "b", "c"], dtype=object), size=shape)
     if dtype.kind == "b":
         return rng.integers(0, 2, size=shape).astype(bool)
     if dtype.kind in "iu":
