@@ -579,12 +579,13 @@ def render_text(document: dict[str, Any]) -> str:
                      f"loaded in {m['load_seconds']:.2f}s")  # fmt: skip
         lines += [f"           warning: {w}" for w in m["warnings"]]
     signature = document["signature"]
+    width = max([16, *(len(row["name"]) + 1 for kind in ("inputs", "outputs") for row in signature[kind])])
     lines += ["", "Signature (baseline -> candidate)"]
     for kind in ("inputs", "outputs"):
         for row in signature[kind]:
             old, new = (_spec_text(row[r]) for r in ROLES)
             state = ("BREAKING: " if row["breaking"] else "") + "; ".join(row["changes"]) if row["changes"] else "same"
-            lines.append(f"  {kind[:-1]:<6} {row['name']:<16} {old:<22} -> {new:<22} {state}")
+            lines.append(f"  {kind[:-1]:<6} {row['name']:<{width}} {old:<22} -> {new:<22} {state}")
     if not signature["breaking"]:
         lines.append("  no breaking change" + (f"; compatible: {len(signature['compatible'])}" if signature["compatible"]
                                                else ""))  # fmt: skip
@@ -595,9 +596,9 @@ def render_text(document: dict[str, Any]) -> str:
             lines.append(f"  the {role} refused {len(requests['errors'][role])}: {requests['errors'][role][0]}")
     for name, f in document["outputs"].items():
         if "only_in" in f and not f["requests"]:
-            lines.append(f"  {name:<16} only the {f['only_in']} has it")
+            lines.append(f"  {name:<{width}} only the {f['only_in']} has it")
             continue
-        parts = [f"{f['kind']:<8}"]
+        parts = [f"{f['kind']:<7}"]
         if "max_abs_diff" in f:
             parts.append(f"max abs diff {_num(f['max_abs_diff'])}, max rel diff {_num(f['max_rel_diff'])}")
         if "argmax_agreement" in f:
@@ -606,7 +607,7 @@ def render_text(document: dict[str, Any]) -> str:
             parts.append(f"exact agreement {f['agreement']:.2%} of {f['compared_values']} values")
         if f["shape_mismatches"]:
             parts.append(f"shapes differ on {f['shape_mismatches']} of {f['requests']} requests")
-        lines.append(f"  {name:<16} " + "  ".join(parts))
+        lines.append(f"  {name:<{width}} " + "  ".join(parts))
     latency = document["latency"]
     lines += ["", f"Speed (alternating runs in one process, {latency['intra_op_threads']} intra-op thread(s) as the "
                   "service would use here)"]  # fmt: skip
@@ -642,6 +643,8 @@ def render_text(document: dict[str, Any]) -> str:
 def _spec_text(spec: dict | None) -> str:
     if spec is None:
         return "-"
+    if "(" in spec["dtype"]:  # a sequence or map: no tensor shape
+        return spec["dtype"]
     return f"{spec['dtype']} [" + ", ".join(str(d) if isinstance(d, int) else (d or "N") for d in spec["shape"]) + "]"
 
 
