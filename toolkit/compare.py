@@ -92,23 +92,42 @@ class LoadedModel:
                 "size_bytes": status.size_bytes, "load_seconds": self.store.health()["load_seconds"],
                 "warnings": list(status.warnings)}  # fmt: skip
 
+    def feeds(self, body: dict) -> dict:
+        """A /predict body as this model's tensors, checked as the service checks it (payload.BadRequest if not).
+        Seeded requests carry the other model's inputs too: only this one's are kept."""
+        import orjson
+
+        from service.payload import decode_inputs
+
+        inputs = body.get("inputs")
+        if isinstance(inputs, dict):
+            body = {"inputs": {k: v for k, v in inputs.items() if k in self.names[0]}}
+        return decode_inputs(orjson.dumps(body), self.store.inputs)
+
     def predict(self, body: dict) -> dict:
         """The /predict answer's `outputs` for a /predict body, as the service decodes, runs and encodes it
         (raises payload.BadRequest for a request the service would refuse)."""
         import orjson
 
-        from service.payload import decode_inputs, encode_outputs, rejected_by_model
+        from service.payload import encode_outputs, rejected_by_model
 
-        names = self.names[0]
-        inputs = body.get("inputs")
-        if isinstance(inputs, dict):  # seeded requests carry the other model's inputs too: keep this one's
-            body = {"inputs": {k: v for k, v in inputs.items() if k in names}}
-        feeds = decode_inputs(orjson.dumps(body), self.store.inputs)
+        feeds = self.feeds(body)
         try:
             values = self.store.run(feeds)
         except Exception as exc:
             raise rejected_by_model(exc, self.store.inputs, feeds) from None
         return orjson.loads(encode_outputs(self.store.outputs, values))["outputs"]
+
+    def seeded_metadata(self) -> dict:
+        """The model's /metadata, its free dimensions past the first sized as in the input its warm-up ran (a model
+        that needs 16 audio samples gets 16), so seeded requests are ones it takes."""
+        metadata = self.store.metadata()
+        example = self.store.example or {}
+        for spec in metadata["inputs"]:
+            if spec["name"] in example:
+                sizes = example[spec["name"]].shape
+                spec["shape"] = [d if axis == 0 or isinstance(d, int) else sizes[axis] for axis, d in enumerate(spec["shape"])]
+        return metadata
 
 
 def load_model(role: str, uri: str, sha256: str, warmup_input: str, cache_dir: Path) -> LoadedModel:
@@ -341,7 +360,7 @@ def seeded_requests(baseline: LoadedModel, candidate: LoadedModel, count: int, s
 
     from toolkit.smoke import sample_request
 
-    inputs = {spec["name"]: spec for model in (baseline, candidate) for spec in model.store.metadata()["inputs"]}
+    inputs = {spec["name"]: spec for model in (candidate, baseline) for spec in model.seeded_metadata()["inputs"]}
     metadata = {"inputs": list(inputs.values())}
     rng = np.random.default_rng(seed)
     requests = [sample_request(metadata, 1, rng) for _ in range(count)]
@@ -367,32 +386,33 @@ def run_requests(models: dict[str, LoadedModel], requests: list[dict]) -> tuple[
     return answers, errors
 
 
+def refused_by_candidate_only(answers: dict[str, list], errors: dict[str, list]) -> list[str]:
+    """The candidate's refusals of requests the baseline answered: what its clients would see fail after a switch."""
+    numbers = {f"request {i}" for i, (a, b) in enumerate(zip(answers["baseline"], answers["candidate"]), 1)
+               if a is not None and b is None}  # fmt: skip
+    return [error for error in errors["candidate"] if error.partition(": ")[0] in numbers]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Speed: both models in one run, alternating, on the sessions the service would open (its thread settings).
 
 
 def speed_feeds(model: LoadedModel, rows: int, seed: int) -> tuple[dict | None, str]:
-    """Seeded feeds of `rows` rows the model runs (for one row, its warm-up example when the seeded ones fail),
-    or None and why not."""
+    """Seeded feeds of `rows` rows the model runs, or None and why not."""
     import numpy as np
 
     from service.payload import BadRequest
     from toolkit.smoke import sample_request
 
-    metadata = model.store.metadata()
+    metadata = model.seeded_metadata()
     if rows > 1 and any(not spec["shape"] or isinstance(spec["shape"][0], int) for spec in metadata["inputs"]):
         return None, "an input's first dimension is fixed, so it takes no batch of rows"
     body = sample_request(metadata, rows, np.random.default_rng(seed))
     try:
         model.predict(body)
     except BadRequest as exc:
-        if rows == 1 and model.store.example is not None:
-            return model.store.example, ""
-        return None, f"seeded input refused ({exc}); give WARMUP_INPUT or --warmup-input"
-    from service.payload import decode_inputs
-    import orjson
-
-    return decode_inputs(orjson.dumps(body), model.store.inputs), ""
+        return None, f"the seeded input was refused ({exc}); give --warmup-input with a real example"
+    return model.feeds(body), ""
 
 
 def time_alternating(models: dict[str, LoadedModel], feeds: dict[str, dict], seconds: float) -> dict[str, list[float]]:
@@ -480,6 +500,9 @@ def compare_models(
 
     Raises CompareError when a model cannot be loaded (with the service's reason) or the samples are unusable."""
     bodies = read_samples(samples) if samples else None  # cheap checks before the downloads
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(4)  # refused requests are counted in the report, not logged as errors
     with tempfile.TemporaryDirectory(prefix="model-compare-") as cache:
         models = {
             "baseline": load_model("baseline", baseline, baseline_sha256, warmup_input, Path(cache) / "baseline"),
@@ -502,7 +525,12 @@ def compare_models(
             "models": {role: model.describe() for role, model in models.items()},
             "signature": signature,
             "outputs": outputs,
-            "requests": {"source": source, "count": len(requests), "errors": errors},
+            "requests": {
+                "source": source, "count": len(requests), "errors": errors,
+                "answered": {role: sum(a is not None for a in answers[role]) for role in ROLES},
+                # what a client of the baseline would see fail after the switch
+                "refused_by_candidate_only": refused_by_candidate_only(answers, errors),
+            },
             "latency": latency,
             "thresholds": thresholds.as_json(),
             "allow_breaking": allow_breaking,
@@ -519,12 +547,14 @@ def gate_failures(document: dict[str, Any], thresholds: Thresholds, allow_breaki
     breaking = document["signature"]["breaking"]
     if breaking and not allow_breaking:
         failures += [f"breaking signature change: {change} (pass --allow-breaking to accept it)" for change in breaking]
-    errors = document["requests"]["errors"]
-    if errors["candidate"] and not (breaking and allow_breaking):
-        failures.append(
-            f"the candidate refused {len(errors['candidate'])} of {document['requests']['count']} requests: "
-            f"{errors['candidate'][0]}"
-        )
+    requests = document["requests"]
+    if not requests["answered"]["baseline"]:
+        failures.append(f"no output compared: the baseline refused all {requests['count']} requests "
+                        f"({requests['errors']['baseline'][0]}); give --samples FILE or --warmup-input with real ones")  # fmt: skip
+    refused = requests["refused_by_candidate_only"]
+    if refused and not (breaking and allow_breaking):
+        failures.append(f"the candidate refused {len(refused)} of {requests['answered']['baseline']} requests the "
+                        f"baseline answered: {refused[0]}")  # fmt: skip
     for name, figures in document["outputs"].items():
         if "only_in" in figures:
             continue
@@ -577,7 +607,7 @@ def render_text(document: dict[str, Any]) -> str:
         generation = f" generation {m['generation']}" if m["generation"] else ""
         lines.append(f"{role:<9}  {m['uri']}{generation}  sha256 {(m['sha256'] or '')[:12]}  "
                      f"loaded in {m['load_seconds']:.2f}s")  # fmt: skip
-        lines += [f"           warning: {w}" for w in m["warnings"]]
+        lines += [f"           warning: {_short(w)}" for w in m["warnings"]]
     signature = document["signature"]
     width = max([16, *(len(row["name"]) + 1 for kind in ("inputs", "outputs") for row in signature[kind])])
     lines += ["", "Signature (baseline -> candidate)"]
@@ -593,7 +623,7 @@ def render_text(document: dict[str, Any]) -> str:
     lines += ["", f"Outputs on {requests['source']}"]
     for role in ROLES:
         if requests["errors"][role]:
-            lines.append(f"  the {role} refused {len(requests['errors'][role])}: {requests['errors'][role][0]}")
+            lines.append(f"  the {role} refused {len(requests['errors'][role])}: {_short(requests['errors'][role][0])}")
     for name, f in document["outputs"].items():
         if "only_in" in f and not f["requests"]:
             lines.append(f"  {name:<{width}} only the {f['only_in']} has it")
@@ -614,7 +644,7 @@ def render_text(document: dict[str, Any]) -> str:
     lines.append(f"  {'':<34} {'baseline':>12} {'candidate':>12} {'ratio':>8}")
     single, batch = latency["single_row"], latency["batch"]
     if "skipped" in single:
-        lines.append(f"  single-row latency: not measured: {single['skipped']}")
+        lines.append(f"  single-row latency: not measured: {_short(single['skipped'])}")
     else:
         for pct in ("p50", "p99"):
             label = f"single-row {pct} ({single['runs']} runs)"
@@ -622,7 +652,7 @@ def render_text(document: dict[str, Any]) -> str:
                          f"{single['baseline'][f'{pct}_ms']:>9.3f} ms {single['candidate'][f'{pct}_ms']:>9.3f} ms "
                          f"{single[f'{pct}_ratio']:>7.2f}x")  # fmt: skip
     if "skipped" in batch:
-        lines.append(f"  rows/s at {latency['batch_rows']}-row batches: not measured: {batch['skipped']}")
+        lines.append(f"  rows/s at {latency['batch_rows']}-row batches: not measured: {_short(batch['skipped'])}")
     else:
         label = f"rows/s, {latency['batch_rows']}-row batches ({batch['runs']} runs)"
         lines.append(f"  {label:<34} "
@@ -638,6 +668,10 @@ def render_text(document: dict[str, Any]) -> str:
     else:
         lines.append("PASS: every gate holds")
     return "\n".join(lines)
+
+
+def _short(text: str, limit: int = 240) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _spec_text(spec: dict | None) -> str:

@@ -268,7 +268,8 @@ def test_samples_file_requests_and_a_candidate_that_refuses_them(tmp_path):
     other = mlp_model(tmp_path / "other.onnx", widths=(3, 4, 3))
     refused = compare_models(str(other), str(baseline), samples=str(samples), allow_breaking=False, **FAST)
     assert "breaking signature change: input 'ids' removed (pass --allow-breaking to accept it)" in refused.failures
-    assert any(f.startswith("the candidate refused 2 of 2 requests: request 1: missing input 'features'")
+    assert any(f.startswith("the candidate refused 2 of 2 requests the baseline answered: request 1: missing input "
+                            "'features'")
                for f in refused.failures), refused.failures  # fmt: skip
 
 
@@ -281,3 +282,23 @@ def test_bad_samples_fail_before_any_model_loads(baseline, tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"{samples} line 2 is not JSON" in done.stderr
     assert "comparing" in done.stdout and "Signature" not in done.stdout
+
+
+def test_a_model_that_needs_real_input_is_compared_on_requests_shaped_like_the_warmup_input(tmp_path):
+    from tests.support.zoo import MIN_FRAMES, min_length_model
+
+    audio = min_length_model(tmp_path / "audio")
+    candidate = variants.reexport(audio, tmp_path / "audio-again.onnx")
+
+    blind = compare_models(str(candidate), str(audio), **FAST)
+    assert blind.document["requests"]["answered"] == {"baseline": 0, "candidate": 0}
+    assert len(blind.failures) == 1 and blind.failures[0].startswith("no output compared: the baseline refused all 64")
+    assert "give --samples FILE or --warmup-input" in blind.failures[0]
+    assert "not measured" in blind.text()
+
+    example = json.dumps({"inputs": {"audio": [[float(i) for i in range(MIN_FRAMES + 4)]]}})
+    real = compare_models(str(candidate), str(audio), warmup_input=example, **FAST)
+    assert real.ok, real.failures
+    assert real.document["requests"]["answered"] == {"baseline": 65, "candidate": 65}  # the example, then 64 seeded
+    assert real.document["outputs"]["features"]["max_abs_diff"] == 0
+    assert real.document["latency"]["single_row"]["runs"] >= 20
