@@ -25,7 +25,7 @@ MAX_ROWS = 64  # the batch size of the throughput figure, the service's default 
 SEEDED_REQUESTS = 64
 SEED = 0
 SPEED_SECONDS = 2.0  # each of the single-row and the 64-row measurements, both models together
-MIN_ROUNDS, MAX_ROUNDS = 20, 5000
+MIN_ROUNDS, MAX_ROUNDS = 20, 200_000  # a model of microseconds still runs for the whole time
 ROLES = ("baseline", "candidate")
 
 
@@ -135,15 +135,15 @@ def load_model(role: str, uri: str, sha256: str, warmup_input: str, cache_dir: P
     from pydantic import ValidationError
 
     from service.model_store import LoadState, ModelStore
-    from service.settings import Settings, parse_model_uri
+    from service.settings import Settings
 
     try:
-        parse_model_uri(uri)
-        settings = Settings(model_uri=uri, model_sha256=sha256, warmup_input=warmup_input, model_cache_dir=cache_dir)
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError
-        if isinstance(exc, ValidationError):
-            exc = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())  # type: ignore[assignment]
-        raise CompareError(f"the {role} {uri}: {exc}") from None
+        # Unset here, WARMUP_INPUT and the thread settings come from the environment, as the service reads them.
+        given = {"warmup_input": warmup_input} if warmup_input else {}
+        settings = Settings(model_uri=uri, model_sha256=sha256, model_cache_dir=cache_dir, **given)
+    except ValidationError as exc:
+        reasons = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        raise CompareError(f"the {role} {uri}: {reasons}") from None
     model_log = logging.getLogger("service.model")
     if not model_log.handlers:  # warnings go into the report, not as stray lines on stderr
         model_log.addHandler(logging.NullHandler())
@@ -499,15 +499,23 @@ def compare_models(
     """Load both models as the service would, and compare signature, outputs and speed against the gates.
 
     Raises CompareError when a model cannot be loaded (with the service's reason) or the samples are unusable."""
-    bodies = read_samples(samples) if samples else None  # cheap checks before the downloads
     import onnxruntime
 
+    from service.settings import parse_model_uri
+
+    bodies = read_samples(samples) if samples else None  # cheap checks before the downloads
+
     onnxruntime.set_default_logger_severity(4)  # refused requests are counted in the report, not logged as errors
+    for role, uri in (("candidate", candidate), ("baseline", baseline)):
+        try:
+            parse_model_uri(uri)
+        except ValueError as exc:
+            raise CompareError(f"the {role} {uri}: {exc}") from None
     with tempfile.TemporaryDirectory(prefix="model-compare-") as cache:
-        models = {
-            "baseline": load_model("baseline", baseline, baseline_sha256, warmup_input, Path(cache) / "baseline"),
-        }
-        models["candidate"] = load_model("candidate", candidate, candidate_sha256, warmup_input, Path(cache) / "candidate")
+        # The candidate first: it is the one more likely to be refused, and the baseline may be a long download.
+        loaded = load_model("candidate", candidate, candidate_sha256, warmup_input, Path(cache) / "candidate")
+        models = {"baseline": load_model("baseline", baseline, baseline_sha256, warmup_input, Path(cache) / "baseline"),
+                  "candidate": loaded}  # fmt: skip
         signature = diff_signature(models["baseline"].store, models["candidate"].store)
         if bodies is not None:
             requests, source = bodies, f"{len(bodies)} request(s) from {samples}"
@@ -604,7 +612,7 @@ def render_text(document: dict[str, Any]) -> str:
     models = document["models"]
     for role in ROLES:
         m = models[role]
-        generation = f" generation {m['generation']}" if m["generation"] else ""
+        generation = f" generation {m['generation']}" if m["generation"] and "#" not in m["uri"] else ""
         lines.append(f"{role:<9}  {m['uri']}{generation}  sha256 {(m['sha256'] or '')[:12]}  "
                      f"loaded in {m['load_seconds']:.2f}s")  # fmt: skip
         lines += [f"           warning: {_short(w)}" for w in m["warnings"]]
@@ -695,8 +703,8 @@ def _spec_text(spec: dict | None) -> str:
         "allow_breaking": "accept a breaking signature change (renamed or removed input/output, dtype, rank, ...)",
         "candidate_sha256": "refuse the candidate unless its sha256 is this (as MODEL_SHA256)",
         "baseline_sha256": "refuse the baseline unless its sha256 is this (default: model.sha256 for model.uri)",
-        "warmup_input": "a /predict body (inline, path or gs://) both models warm up on, as WARMUP_INPUT; it is "
-                        "also the first compared request",
+        "warmup_input": "a /predict body (inline, path or gs://) both models warm up on, as the service's "
+                        "WARMUP_INPUT (default: that variable); it is also the first compared request",
         "speed_seconds": f"seconds to time each of single-row and {MAX_ROWS}-row runs (default {SPEED_SECONDS:g})",
         "json": "print one JSON document (signature, outputs, latency, verdict, failures) instead of the report",
     }
