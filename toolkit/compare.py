@@ -126,7 +126,8 @@ class LoadedModel:
         for spec in metadata["inputs"]:
             if spec["name"] in example:
                 sizes = example[spec["name"]].shape
-                spec["shape"] = [d if axis == 0 or isinstance(d, int) else sizes[axis] for axis, d in enumerate(spec["shape"])]
+                shape = enumerate(spec["shape"])
+                spec["shape"] = [d if axis == 0 or isinstance(d, int) else sizes[axis] for axis, d in shape]
         return metadata
 
 
@@ -200,7 +201,8 @@ def _spec_changes(kind: str, name: str, a: Any, b: Any, renamed: dict[str, str])
     if a.ort_type != b.ort_type:
         return [f"{kind} {name!r} dtype {a.dtype_name} -> {b.dtype_name}"], True
     if len(a.shape) != len(b.shape):
-        return [f"{kind} {name!r} rank {len(a.shape)} -> {len(b.shape)} ({a.describe_shape()} -> {b.describe_shape()})"], True
+        shapes = f"{a.describe_shape()} -> {b.describe_shape()}"
+        return [f"{kind} {name!r} rank {len(a.shape)} -> {len(b.shape)} ({shapes})"], True
     changes, breaking = [], False
     for axis, (old, new) in enumerate(zip(a.shape, b.shape)):
         fixed_old, fixed_new = isinstance(old, int), isinstance(new, int)
@@ -625,8 +627,8 @@ def render_text(document: dict[str, Any]) -> str:
             state = ("BREAKING: " if row["breaking"] else "") + "; ".join(row["changes"]) if row["changes"] else "same"
             lines.append(f"  {kind[:-1]:<6} {row['name']:<{width}} {old:<22} -> {new:<22} {state}")
     if not signature["breaking"]:
-        lines.append("  no breaking change" + (f"; compatible: {len(signature['compatible'])}" if signature["compatible"]
-                                               else ""))  # fmt: skip
+        compatible = len(signature["compatible"])
+        lines.append("  no breaking change" + (f"; {compatible} compatible" if compatible else ""))
     requests = document["requests"]
     lines += ["", f"Outputs on {requests['source']}"]
     for role in ROLES:
@@ -718,13 +720,11 @@ def compare(
 
     try:
         configured = thresholds_from_config(c)
-        thresholds = Thresholds(
-            max_abs_diff=configured.max_abs_diff if max_abs_diff is None else parse_threshold("--max-abs-diff", max_abs_diff),
-            min_agreement=configured.min_agreement if min_agreement is None
-            else parse_threshold("--min-agreement", min_agreement),
-            max_latency_ratio=configured.max_latency_ratio if max_latency_ratio is None
-            else parse_threshold("--max-latency-ratio", max_latency_ratio),
-        )  # fmt: skip
+        flags = {"max_abs_diff": max_abs_diff, "min_agreement": min_agreement, "max_latency_ratio": max_latency_ratio}
+        thresholds = Thresholds(**{
+            name: getattr(configured, name) if value is None else parse_threshold(f"--{name.replace('_', '-')}", value)
+            for name, value in flags.items()
+        })  # fmt: skip
         seconds = parse_threshold("--speed-seconds", speed_seconds) or SPEED_SECONDS
         if not baseline:
             baseline, baseline_sha256 = str(c.model.uri), baseline_sha256 or str(c.model.sha256 or "")
