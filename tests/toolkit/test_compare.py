@@ -302,3 +302,28 @@ def test_a_model_that_needs_real_input_is_compared_on_requests_shaped_like_the_w
     assert real.document["requests"]["answered"] == {"baseline": 65, "candidate": 65}  # the example, then 64 seeded
     assert real.document["outputs"]["features"]["max_abs_diff"] == 0
     assert real.document["latency"]["single_row"]["runs"] >= 20
+
+
+def test_zipmap_probabilities_compare_as_class_scores(tmp_path):
+    pytest.importorskip("skl2onnx", reason="skl2onnx makes the scikit-learn models (requirements-dev.txt)")
+    from tests.support.zoo import sklearn_classifier
+
+    (tmp_path / "zipmap").mkdir()
+    (tmp_path / "tensor").mkdir()
+    zipmap = sklearn_classifier(tmp_path / "zipmap", zipmap=True)
+    tensor = sklearn_classifier(tmp_path / "tensor", zipmap=False)
+
+    same = compare_models(str(variants.reexport(zipmap, tmp_path / "again.onnx")), str(zipmap),
+                          thresholds=Thresholds(max_abs_diff=0, min_agreement=1), **FAST)  # fmt: skip
+    assert same.ok, same.failures
+    probabilities = same.document["outputs"]["output_probability"]
+    assert probabilities["kind"] == "scores" and probabilities["argmax_agreement"] == 1.0
+    assert same.document["outputs"]["output_label"]["kind"] == "integer"
+
+    unzipped = compare_models(str(tensor), str(zipmap), **FAST)  # skl2onnx names the outputs otherwise then
+    names = [row["name"] for row in unzipped.document["signature"]["outputs"]]
+    assert names == ["output_label", "output_probability", "label", "probabilities"]
+    assert unzipped.failures == [
+        f"breaking signature change: output {name!r} removed (pass --allow-breaking to accept it)"
+        for name in ("output_label", "output_probability")
+    ]
