@@ -23,7 +23,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 from service import open_inference, v2
-from service.model_store import LoadState, ModelStore, TensorSpec
+from service.model_store import LoadState, ModelStore
+from service.tensors import TensorSpec
 from service.settings import Settings
 
 Schema = dict[str, Any]

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import orjson
 
-from service.model_store import TensorSpec
+from service.tensors import TensorSpec
 
 EXAMPLE = '{"inputs": {"<input name>": [[...], ...]}}'
 # What an array numpy built from JSON holds, by its dtype's kind, in the words of a message.

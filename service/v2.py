@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import orjson
 
-from service.model_store import TensorSpec
+from service.tensors import TensorSpec
 from service.payload import BadRequest, check_shape, json_to_array
 
 PLATFORM = "onnx_onnxv1"

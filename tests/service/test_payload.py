@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from service.model_store import TensorSpec
+from service.tensors import TensorSpec
 from service.payload import BadRequest, decode_inputs, json_to_array, to_tensor
 
 
