@@ -137,7 +137,7 @@ class NativeProtocol:
         return None
 
     def decode(self, body: bytes, headers: dict[bytes, bytes]) -> tuple[dict, Any]:
-        return decode_inputs(body, self.store.inputs), None
+        return decode_inputs(body, self.store.inputs, shared_dims=self.store.settings.check_shared_dims), None
 
     def encode(self, request: Any, values: list) -> tuple[bytes, list[tuple[bytes, bytes]]]:
         return encode_outputs(self.store.outputs, values), [JSON_CONTENT]

@@ -593,6 +593,6 @@ def warmup_feeds(example: str, inputs: tuple[TensorSpec, ...], settings: Setting
                 f"{where} cannot be read ({exc.strerror}): give a /predict JSON body, a file or a gs:// object"
             ) from None
     try:
-        return decode_inputs(body, inputs)
+        return decode_inputs(body, inputs, shared_dims=settings.check_shared_dims)
     except BadRequest as exc:
         raise ModelLoadError(f"{where} is not a valid request for this model: {exc}") from None

@@ -101,6 +101,12 @@ class Settings(BaseSettings):
         "", description="a /predict JSON body (inline, a path or gs:// object) run before ready; its failure fails the load"
     )
 
+    # --- Inputs that share a dimension name (service/payload.py, issue 16) ---
+    check_shared_dims: bool = Field(
+        True, description="refuse a request whose inputs differ in a dimension the model names alike (false: let "
+        "onnxruntime broadcast them, for a model whose names are wrong)"
+    )
+
     # --- API documentation (service/openapi.py) ---
     docs: bool = Field(True, description="serve Swagger UI at /docs (/openapi.json is served either way)")
 
