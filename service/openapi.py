@@ -22,7 +22,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
-from service import open_inference, v2
+from service import auth, open_inference, v2
 from service.model_store import LoadState, ModelStore
 from service.tensors import TensorSpec
 from service.settings import Settings
@@ -70,8 +70,31 @@ def build(api: FastAPI, store: ModelStore, settings: Settings) -> Schema:
             paths.setdefault(path, {}).setdefault(method, {}).update(operation)
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     schemas.update(COMPONENTS)
+    if settings.api_key_list:
+        _require_keys(document, settings.docs)
     _drop_unreferenced(document)  # FastAPI's HTTPValidationError: none of these routes answers with it
     return document
+
+
+def _require_keys(document: Schema, docs_open: bool) -> None:
+    """API_KEYS set: both ways of sending a key declared, so that Swagger UI's "Authorize" sends it, and every
+    operation but the open ones (service/auth.py) requires one and may answer 401."""
+    document["components"]["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "one of the service's API_KEYS"},
+        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "one of the service's "
+                   "API_KEYS; use it where Authorization carries something else (Cloud Run's IAM identity token)"},
+    }  # fmt: skip
+    document["security"] = [{"bearer": []}, {"apiKey": []}]
+    open_paths = auth.open_paths(docs_open)
+    for path, methods in document["paths"].items():
+        for operation in methods.values():
+            if path in open_paths:
+                operation["security"] = []
+            else:
+                body = ERROR if path == "/v2" or path.startswith("/v2/") else DETAIL
+                unauthorized = _json("No API key, or not one of the service's", body)
+                unauthorized["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}}
+                operation.setdefault("responses", {})["401"] = unauthorized
 
 
 def _drop_unreferenced(document: Schema) -> None:
