@@ -58,5 +58,6 @@ DEFAULTS = {
     "smoke": {
         "timeout": 600,
         "sample": "",  # JSON file with a request body; empty: built from the model's /metadata
+        "api_key": "",  # one of the service's API_KEYS, sent by every smoke test; empty: $ONNX_SERVE_API_KEY
     },
 }
