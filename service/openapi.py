@@ -12,6 +12,7 @@ model is ready (or failed for good) it is built once and kept.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 from typing import Any, Sequence
 
@@ -21,6 +22,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
+from starlette.staticfiles import StaticFiles
 
 from service import auth, open_inference, v2
 from service.model_store import LoadState, ModelStore
@@ -28,6 +30,7 @@ from service.tensors import TensorSpec
 from service.settings import Settings
 
 Schema = dict[str, Any]
+DOCS_FILES = auth.DOCS_FILES.rstrip("/")  # where Swagger UI's files are served
 
 
 def install(api: FastAPI, store: ModelStore, settings: Settings) -> None:
@@ -43,10 +46,17 @@ def install(api: FastAPI, store: ModelStore, settings: Settings) -> None:
 
     api.openapi = openapi  # type: ignore[method-assign]  # FastAPI's /openapi.json route calls api.openapi()
     if settings.docs:
+        # Swagger UI's own files, from a pinned package (fastapi-offline), served here: no CDN, so /docs works
+        # in a private network or behind a strict proxy.
+        api.mount(DOCS_FILES, StaticFiles(directory=str(importlib.resources.files("fastapi_offline") / "static")))
 
         async def docs(request: Request) -> HTMLResponse:
             root = request.scope.get("root_path", "").rstrip("/")
-            return get_swagger_ui_html(openapi_url=root + (api.openapi_url or "/openapi.json"), title=f"{api.title} - docs")
+            return get_swagger_ui_html(
+                openapi_url=root + (api.openapi_url or "/openapi.json"), title=f"{api.title} - docs",
+                swagger_js_url=f"{root}{DOCS_FILES}/swagger-ui-bundle.js",
+                swagger_css_url=f"{root}{DOCS_FILES}/swagger-ui.css", swagger_favicon_url=f"{root}{DOCS_FILES}/favicon.png",
+            )  # fmt: skip
 
         api.add_route("/docs", docs, methods=["GET"], include_in_schema=False)
 
