@@ -28,11 +28,12 @@ def main(rounds: int, seconds: float, clients: int) -> None:
             gunicorn(SERVICE_APP, str(DEMO_MODEL), Path(logs), API_KEYS=KEYS) as on:  # fmt: skip
         off.wait_ready()
         on.wait_ready()
-        for _ in range(rounds):
-            for (name, rates), (server, request) in zip(figures.items(), [(off, plain), (on, keyed)]):
+        for round_ in range(rounds):
+            pairs = list(zip(figures.values(), [(off, plain), (on, keyed)]))
+            for rates, (server, request) in pairs[:: 1 if round_ % 2 else -1]:  # each goes first every other round
                 result = run_load(server.port, request, clients, seconds)
                 if result.errors:
-                    raise SystemExit(f"{name}: {result.errors} requests failed")
+                    raise SystemExit(f"{result.errors} requests failed on port {server.port}")
                 rates.append(result.requests_per_second)
     for name, rates in figures.items():
         print(f"{name:28} median {statistics.median(rates):7.0f} req/s  rounds {[round(r) for r in rates]}")

@@ -41,6 +41,9 @@ DEFAULTS = {
         "declarative": False,  # deploy by `gcloud run services replace` of the rendered manifest, not flags
         "manifest": "service.yaml",  # where `invoke render` and declarative deploys write the Knative service
         "model_mount": False,  # mount the model's bucket read-only (Cloud Storage volume) instead of downloading
+        # a Secret Manager secret holding API_KEYS (comma-separated keys), given to the service as that variable;
+        # empty: none set by the deploy (IAM alone guards a private service)
+        "api_keys_secret": "",
     },
     "fly": {
         "app": "",  # region, VM size, checks and scaling live in fly.toml
