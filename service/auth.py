@@ -24,7 +24,8 @@ DOCS_PATHS = frozenset({"/docs", "/openapi.json"})
 DOCS_FILES = "/docs/static/"
 
 MISSING = "this service needs an API key: send `Authorization: Bearer KEY` or `X-API-Key: KEY`"
-WRONG = "the API key is not valid: send one of the service's API_KEYS"
+WRONG = ("the API key is not valid: send one of the service's API_KEYS (where Authorization carries a platform's "
+         "token, such as Cloud Run's IAM identity token, send the key as X-API-Key)")
 
 
 def open_paths(docs_open: bool) -> frozenset[str]:
