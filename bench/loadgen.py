@@ -34,7 +34,8 @@ class LoadResult:
 
 
 def request_bytes(
-    method: str, path: str, body: bytes = b"", content_type: str = "application/json", headers: dict[str, str] | None = None
+    method: str, path: str, body: bytes = b"", content_type: str = "application/json",
+    headers: dict[str, str] | None = None,
 ) -> bytes:
     head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: bench\r\n"
     head += "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())

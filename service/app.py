@@ -113,8 +113,8 @@ class InferenceApp:
     """
 
     def __init__(
-        self, api: FastAPI, predict: Endpoint, infer: Endpoint, access_log: str = "all", metrics: Recorder | None = None,
-        keys: ApiKeys | None = None,
+        self, api: FastAPI, predict: Endpoint, infer: Endpoint, access_log: str = "all",
+        metrics: Recorder | None = None, keys: ApiKeys | None = None,
     ):
         self.api, self.predict, self.infer = api, predict, infer
         self.state = api.state

@@ -55,7 +55,8 @@ def install(api: FastAPI, store: ModelStore, settings: Settings) -> None:
             return get_swagger_ui_html(
                 openapi_url=root + (api.openapi_url or "/openapi.json"), title=f"{api.title} - docs",
                 swagger_js_url=f"{root}{DOCS_FILES}/swagger-ui-bundle.js",
-                swagger_css_url=f"{root}{DOCS_FILES}/swagger-ui.css", swagger_favicon_url=f"{root}{DOCS_FILES}/favicon.png",
+                swagger_css_url=f"{root}{DOCS_FILES}/swagger-ui.css",
+                swagger_favicon_url=f"{root}{DOCS_FILES}/favicon.png",
             )  # fmt: skip
 
         api.add_route("/docs", docs, methods=["GET"], include_in_schema=False)
