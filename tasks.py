@@ -10,7 +10,7 @@ from toolkit.deploy import deploy, render, rollback
 ns = Collection(deploy, render, rollback, smoke.smoke, bench)
 ns.add_collection(Collection.from_module(image), name="image")
 ns.add_collection(Collection(local.stop), name="local")
-ns.add_collection(Collection(fly.credentials), name="fly")
+ns.add_collection(Collection(fly.credentials, fly.api_key), name="fly")
 ns.add_collection(Collection(gcp.setup), name="gcp")
 ns.add_collection(Collection(compare.compare), name="model")
 ns.configure(DEFAULTS)

@@ -103,6 +103,8 @@ def deploy_command(c: Context, image_ref: str, tag: str | None, model_mount: boo
     ]  # fmt: skip
     if model_mount:
         command += volume_flags(c)
+    if cr.api_keys_secret:
+        command += ["--update-secrets", f"API_KEYS={cr.api_keys_secret}:latest"]
     if tag:
         command += ["--no-traffic", "--tag", tag]
     return command

@@ -43,7 +43,9 @@ def manifest(c: Context, image_ref: str, model_mount: bool = False, revision: st
     container = {
         "image": image_ref,
         "ports": [{"name": "http1", "containerPort": cloudrun.PORT}],
-        "env": [{"name": k, "value": v} for k, v in cloudrun.env_vars(c, model_mount).items()],
+        "env": [{"name": k, "value": v} for k, v in cloudrun.env_vars(c, model_mount).items()]
+        + ([{"name": "API_KEYS", "valueFrom": {"secretKeyRef": {"name": cr.api_keys_secret, "key": "latest"}}}]
+           if cr.api_keys_secret else []),
         "resources": {"limits": {"cpu": str(cr.cpu), "memory": str(cr.memory)}},
         "startupProbe": cloudrun.probe(c),
     }

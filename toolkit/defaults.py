@@ -41,6 +41,9 @@ DEFAULTS = {
         "declarative": False,  # deploy by `gcloud run services replace` of the rendered manifest, not flags
         "manifest": "service.yaml",  # where `invoke render` and declarative deploys write the Knative service
         "model_mount": False,  # mount the model's bucket read-only (Cloud Storage volume) instead of downloading
+        # a Secret Manager secret holding API_KEYS (comma-separated keys), given to the service as that variable;
+        # empty: none set by the deploy (IAM alone guards a private service)
+        "api_keys_secret": "",
     },
     "fly": {
         "app": "",  # region, VM size, checks and scaling live in fly.toml
@@ -58,6 +61,7 @@ DEFAULTS = {
     "smoke": {
         "timeout": 600,
         "sample": "",  # JSON file with a request body; empty: built from the model's /metadata
+        "api_key": "",  # one of the service's API_KEYS, sent by every smoke test; empty: $ONNX_SERVE_API_KEY
     },
     "release": {
         # Gates of `invoke model.compare` (and the compare `invoke release` runs): None or "" is no gate.
