@@ -17,13 +17,23 @@ from toolkit.cloudrun_spec import MOUNT_PATH, PORT, VOLUME, env_vars, mounted_mo
 from toolkit.gcp import model_bucket, require_runtime_account, runtime_account
 from toolkit.model import require_gcs_model
 
-def check_ready(c: Context, dry_run: bool) -> None:
-    """Cheap checks first: config set, gcloud present and logged in, a model Cloud Run can reach."""
+
+def require_project(c: Context) -> None:
     if not c.gcp.project:
         raise Exit("gcp.project is not set: put `gcp: {project: MY-PROJECT}` in invoke.yaml or set INVOKE_GCP_PROJECT.")
+
+
+def check_ready(c: Context, dry_run: bool) -> None:
+    """Cheap checks first: config set, gcloud present and logged in, a model Cloud Run can reach."""
+    require_project(c)
     require_gcs_model(c, "Cloud Run")
-    if dry_run:
-        return
+    if not dry_run:
+        check_gcloud(c)
+
+
+def check_gcloud(c: Context) -> None:
+    """gcp.project set, gcloud on PATH and logged in: what every command that reads or changes the service needs."""
+    require_project(c)
     if not shutil.which("gcloud"):
         raise Exit("gcloud is not on PATH: install the Google Cloud CLI (https://cloud.google.com/sdk/docs/install).")
     if not c.run("gcloud auth print-access-token", hide=True, warn=True).ok:
@@ -188,8 +198,7 @@ def apply_manifest(c: Context, image_ref: str, candidate: str | None, existing: 
 
 def render(c: Context, tag: str, output: str, model_mount: bool) -> None:
     """Write service.yaml for the current config: all traffic to the revision it makes."""
-    if not c.gcp.project:
-        raise Exit("gcp.project is not set: put `gcp: {project: MY-PROJECT}` in invoke.yaml or set INVOKE_GCP_PROJECT.")
+    require_project(c)
     require_gcs_model(c, "Cloud Run")
     image_ref = image.image_ref(c, "cloudrun", tag or image.default_tag(c))
     path = cloudrun_yaml.write(output or c.cloudrun.manifest,

@@ -1,0 +1,140 @@
+"""`invoke release --target cloudrun`, `invoke status` and `invoke rollback` after a release, with the real gcloud
+against the Cloud Run stand-in, a stand-in of Cloud Monitoring serving each test's figures, and real services on
+loopback as the serving revision's and the candidate tag's URLs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tests.support.monitoring_stub import NO_TRAFFIC, RevisionFigures, monitoring_stub  # noqa: F401 (fixture)
+from tests.toolkit.deploy_helpers import invoke
+from tests.toolkit.test_deploy_cloudrun import CONFIG, IMAGE, SERVICE, serving
+
+OLD_MODEL = "gs://my-models/demo.onnx#1700000000000001"
+NEW_MODEL = "gs://my-models/demo-v2.onnx#1700000000000002"
+TAG = "m-1700000000000002"
+
+
+@pytest.fixture
+def project(gcloud_stub, monitoring_stub, healthy, tmp_path):
+    """A service serving OLD_MODEL on IMAGE:old, the candidate tag reaching a healthy service, fast steps."""
+    gcloud_stub.seed_service(SERVICE, f"{IMAGE}:old", containers=[
+        {"image": f"{IMAGE}:old", "env": [{"name": "MODEL_URI", "value": OLD_MODEL}]}])
+    gcloud_stub.state.urls[None] = healthy
+    gcloud_stub.state.urls[TAG] = healthy
+    record = tmp_path / "invoke.yaml"
+    record.write_text(f"# the project's settings\nmodel:\n  uri: {OLD_MODEL}   # what serves\n  sha256: \"\"\n")
+    config = {k: v for k, v in CONFIG.items() if k != "model_uri"}  # the record file says which model serves
+    config.update(release_monitoring_endpoint=monitoring_stub.url, release_step_wait="0", release_ingestion_delay="0",
+                  release_window="0", release_record=str(record))
+    (stable,) = serving(gcloud_stub)
+    return config, record, stable
+
+
+def release(config, *flags):
+    return invoke("-f", config["release_record"], "release", "--target", "cloudrun", "--model", NEW_MODEL,
+                  "--skip-compare", *flags, **config)
+
+
+def candidate_of(stub) -> str:
+    return next(t["revisionName"] for t in stub.traffic(SERVICE) if t.get("tag") == TAG)
+
+
+def test_release_reuses_the_serving_digest_moves_traffic_in_steps_and_records_the_model(gcloud_stub, monitoring_stub,
+                                                                                         project):
+    config, record, stable = project
+    digest = gcloud_stub.revisions(SERVICE)[0]["status"]["imageDigest"]
+    result = release(config, "--steps", "10,50")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "--skip-compare" in result.stdout and "NOT compared" in result.stdout
+
+    update = gcloud_stub.sent_services(SERVICE)[0]
+    container = update["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == digest and "@sha256:" in digest  # the serving image by digest: nothing built
+    assert {e["name"]: e["value"] for e in container["env"]}["MODEL_URI"] == NEW_MODEL
+    assert update["spec"]["traffic"][-1]["tag"] == TAG and not update["spec"]["traffic"][-1].get("percent")
+    assert gcloud_stub.sent_builds() == []
+    candidate = candidate_of(gcloud_stub)
+    # 10% and 50% judged (candidate and stable, two queries each), 100 promotes
+    steps = [s["spec"]["traffic"] for s in gcloud_stub.sent_services(SERVICE)[1:]]
+    assert [{t["revisionName"]: t["percent"] for t in s if t.get("percent")} for s in steps] == [
+        {stable: 90, candidate: 10}, {stable: 50, candidate: 50}, {candidate: 100}]
+    assert monitoring_stub.revisions_read() == [candidate, candidate, stable, stable] * 2
+    assert serving(gcloud_stub) == {candidate: 100}
+
+    assert yaml.safe_load(record.read_text())["model"]["uri"] == NEW_MODEL
+    assert "# what serves" in record.read_text() and record.read_text().startswith("# the project's settings")
+
+    status = invoke("-f", str(record), "status", "--target", "cloudrun", "--json", **config)
+    assert status.returncode == 0, status.stderr
+    rows = {row["revision"]: row for row in json.loads(status.stdout)}
+    assert rows[candidate]["percent"] == 100 and rows[candidate]["image"] == digest
+    assert rows[candidate]["health"]["status"] == "ready" and rows[candidate]["health"]["sha256"]
+
+    back = invoke("-f", str(record), "rollback", "--target", "cloudrun", **config)
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert serving(gcloud_stub) == {stable: 100}
+    assert yaml.safe_load(record.read_text())["model"]["uri"] == OLD_MODEL
+
+
+@pytest.mark.parametrize("figures, reason", [
+    (RevisionFigures({"2xx": 950, "5xx": 50}, 120.0), "answered 5xx to 5.00% of 1000 requests (limit 1.00%"),
+    (RevisionFigures({"2xx": 1000}, 900.0), "p99 900 ms is 7.50x the stable 120 ms (limit 1.5x)"),
+])
+def test_a_failed_gate_sends_all_traffic_back_to_the_stable_revision(gcloud_stub, monitoring_stub, project, figures,
+                                                                     reason):
+    config, record, stable = project
+    monitoring_stub.figures[stable] = RevisionFigures({"2xx": 5000, "5xx": 5}, 120.0)
+    monitoring_stub.default = figures  # the candidate
+    result = release(config)
+    assert result.returncode == 1
+    assert serving(gcloud_stub) == {stable: 100}
+    line = result.stderr.strip().splitlines()[-1]  # the reason, in one line, after gcloud's progress
+    assert line.startswith(f"release stopped, traffic 100% on {stable}: candidate {candidate_of(gcloud_stub)}")
+    assert reason in line
+    assert yaml.safe_load(record.read_text())["model"]["uri"] == OLD_MODEL  # nothing recorded
+
+
+def test_too_few_requests_hold_the_split_instead_of_promoting(gcloud_stub, monitoring_stub, project):
+    config, record, stable = project
+    monitoring_stub.default = NO_TRAFFIC
+    result = release(config)
+    assert result.returncode == 1
+    candidate = candidate_of(gcloud_stub)
+    assert serving(gcloud_stub) == {stable: 90, candidate: 10}
+    line = result.stderr.strip().splitlines()[-1]  # the reason, in one line, after gcloud's progress
+    assert f"release held at 10% to {candidate}" in line and "fewer than release.min_requests 100" in line
+
+
+def test_a_failed_smoke_test_leaves_traffic_where_it_was(gcloud_stub, monitoring_stub, project, broken):
+    config, record, stable = project
+    gcloud_stub.state.urls[TAG] = broken
+    result = release(config)
+    assert result.returncode == 1
+    assert serving(gcloud_stub) == {stable: 100}
+    assert "smoke test of" in result.stderr and "the model failed to load" in result.stderr
+    assert len(gcloud_stub.sent_services(SERVICE)) == 1 and monitoring_stub.queries == []
+
+
+def test_cheap_checks_fail_before_gcloud_runs(gcloud_stub, project):
+    config, record, stable = project
+    long_name = dict(config, cloudrun_service="a-very-long-service-name-for-models")
+    result = invoke("-f", str(record), "release", "--target", "cloudrun", "--model", NEW_MODEL, **long_name)
+    assert result.returncode == 1 and "Cloud Run allows 46" in result.stderr
+    loose = invoke("-f", str(record), "release", "--target", "cloudrun", "--model", "gs://my-models/v3.onnx", **config)
+    assert loose.returncode == 1 and "pin it with #GENERATION or --sha256" in loose.stderr
+
+
+def test_dry_run_prints_every_command_and_query_and_runs_none(gcloud_stub, monitoring_stub, project):
+    config, record, stable = project
+    result = release(config, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert (f"gcloud run services update {SERVICE} --project stub-project --region us-central1 --image "
+            "REPOSITORY@sha256:SERVING_DIGEST --update-env-vars") in result.stdout
+    assert f"--no-traffic --tag {TAG}" in result.stdout
+    assert "--to-revisions CANDIDATE_REVISION=10" in result.stdout
+    assert "run.googleapis.com%2Frequest_count" in result.stdout and "ALIGN_PERCENTILE_99" in result.stdout
+    assert gcloud_stub.sent_services(SERVICE) == [] and monitoring_stub.queries == []
