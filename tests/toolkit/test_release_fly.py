@@ -1,0 +1,83 @@
+"""`invoke release --target fly`, `invoke status --target fly` and `invoke rollback` after a release, against the
+flyctl contract stand-in; the smoke test reaches real services on loopback through fly.url."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tests.toolkit.deploy_helpers import invoke
+from tests.toolkit.test_deploy_fly import APP, CONFIG, OLD_IMAGE, deploys
+
+OLD_MODEL = "gs://my-models/demo.onnx#1700000000000001"
+NEW_MODEL = "gs://my-models/demo-v2.onnx#1700000000000002"
+
+
+@pytest.fixture
+def project(fake_flyctl, tmp_path):
+    fake_flyctl.add_app(APP, image=OLD_IMAGE, env={"PORT": "8080", "MODEL_URI": OLD_MODEL})
+    record = tmp_path / "invoke.yaml"
+    record.write_text(f"model:\n  uri: {OLD_MODEL}\n")
+    config = {k: v for k, v in CONFIG.items() if k != "model_uri"}
+    return dict(config, release_record=str(record)), record
+
+
+def release(config, url, *flags):
+    return invoke("-f", config["release_record"], "release", "--target", "fly", "--model", NEW_MODEL,
+                  "--skip-compare", *flags, **config, fly_url=url)
+
+
+def machine_env(fake) -> list[dict]:
+    return [m["config"]["env"] for m in fake.app(APP)["machines"]]
+
+
+def test_release_redeploys_the_serving_image_blue_green_with_only_the_model_changed(fake_flyctl, project, healthy):
+    config, record = project
+    result = release(config, healthy)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (deploy,) = deploys(fake_flyctl)
+    assert deploy[deploy.index("--image") + 1] == OLD_IMAGE  # the image that serves: nothing built
+    assert "--remote-only" not in deploy
+    assert deploy[deploy.index("--strategy") + 1] == "bluegreen"
+    assert f"MODEL_URI={NEW_MODEL}" in deploy
+    assert all(env["MODEL_URI"] == NEW_MODEL for env in machine_env(fake_flyctl))
+    assert yaml.safe_load(record.read_text())["model"]["uri"] == NEW_MODEL
+
+    status = invoke("-f", str(record), "status", "--target", "fly", "--json", **config, fly_url=healthy)
+    assert status.returncode == 0, status.stderr
+    rows = json.loads(status.stdout)
+    assert len(rows) == 2 and {r["share"] for r in rows} == {"1/2"}
+    assert all(r["health"]["status"] == "ready" and r["image"].startswith(f"registry.fly.io/{APP}@sha256:")
+               for r in rows)
+
+    back = invoke("-f", str(record), "rollback", "--target", "fly", **config)
+    assert back.returncode == 0, back.stdout + back.stderr
+    last = deploys(fake_flyctl)[-1]
+    assert last[last.index("--image") + 1] == OLD_IMAGE and f"MODEL_URI={OLD_MODEL}" in last
+    assert all(env["MODEL_URI"] == OLD_MODEL for env in machine_env(fake_flyctl))
+    assert yaml.safe_load(record.read_text())["model"]["uri"] == OLD_MODEL
+
+
+def test_a_failed_smoke_test_brings_the_previous_model_back(fake_flyctl, project, broken):
+    config, record = project
+    result = release(config, broken)
+    assert result.returncode == 1
+    forward, back = deploys(fake_flyctl)
+    assert f"MODEL_URI={NEW_MODEL}" in forward
+    assert back[back.index("--image") + 1] == OLD_IMAGE and f"MODEL_URI={OLD_MODEL}" in back
+    assert all(env["MODEL_URI"] == OLD_MODEL for env in machine_env(fake_flyctl))
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"release rolled back, {OLD_MODEL} serves again") and "the model failed to load" in line
+    assert yaml.safe_load(record.read_text())["model"]["uri"] == OLD_MODEL
+
+
+def test_a_failed_blue_green_deploy_changes_nothing_more(fake_flyctl, project, healthy, monkeypatch):
+    config, record = project
+    monkeypatch.setenv("FAKE_FLY_DEPLOY_FAIL", "smoke checks for 0e286039f42e86 failed: the app crashed")
+    result = release(config, healthy)
+    assert result.returncode == 1
+    assert len(deploys(fake_flyctl)) == 1  # no second deploy: the blue Machines kept serving
+    assert all(env["MODEL_URI"] == OLD_MODEL for env in machine_env(fake_flyctl))
+    assert "the blue-green deploy failed, the previous Machines keep serving" in result.stderr.strip().splitlines()[-1]
