@@ -74,6 +74,14 @@ def test_release_reuses_the_serving_digest_moves_traffic_in_steps_and_records_th
     assert rows[candidate]["percent"] == 100 and rows[candidate]["image"] == digest
     assert rows[candidate]["health"]["status"] == "ready" and rows[candidate]["health"]["sha256"]
 
+    # a later code deploy sends the released model, and says so when told to send another
+    code = invoke("-f", str(record), "deploy", "--target", "cloudrun", "--tag", "abc1234", "--dry-run", **config)
+    assert code.returncode == 0 and f"MODEL_URI={NEW_MODEL}" in code.stdout and "WARNING" not in code.stdout
+    edited = record.with_name("edited.yaml")  # model.uri changed by hand after the release
+    edited.write_text(record.read_text().replace(NEW_MODEL, OLD_MODEL))
+    other = invoke("-f", str(edited), "deploy", "--target", "cloudrun", "--tag", "abc1234", "--dry-run", **config)
+    assert f"WARNING: this deploy sends model.uri {OLD_MODEL}, not {NEW_MODEL}" in other.stdout
+
     back = invoke("-f", str(record), "rollback", "--target", "cloudrun", **config)
     assert back.returncode == 0, back.stdout + back.stderr
     assert serving(gcloud_stub) == {stable: 100}
