@@ -71,4 +71,10 @@ DEFAULTS = {
         "timeout": 600,
         "sample": "",  # JSON file with a request body; empty: built from the model's /metadata
     },
+    "release": {
+        # Gates of `invoke model.compare` (and the compare `invoke release` runs): None or "" is no gate.
+        "max_abs_diff": None,  # largest |candidate - baseline| allowed in any numeric output
+        "min_agreement": None,  # least arg-max / exact agreement of any output, a fraction (0.99)
+        "max_latency_ratio": None,  # largest candidate/baseline single-row p50 or p99
+    },
 }

@@ -176,18 +176,29 @@ def _poll_health(
         delay = min(delay * 1.5, 5.0)
 
 
-def sample_request(metadata: dict) -> dict:
-    """One row for every input, built from the model's own metadata (free dimensions become 1)."""
+def sample_request(metadata: dict, rows: int = 1, rng: Any = None) -> dict:
+    """A request for every input, built from the model's own metadata: `rows` rows when the first dimension is free
+    (other free dimensions 1). Values are one plain valid value of each kind, or with `rng` (a numpy Generator)
+    seeded random ones: normal floats, integers 0-9, booleans, one of a few short strings."""
     import numpy as np
 
     inputs = {}
     for spec in metadata["inputs"]:
-        shape = [d if isinstance(d, int) else 1 for d in spec["shape"]]
+        shape = [d if isinstance(d, int) else (rows if axis == 0 else 1) for axis, d in enumerate(spec["shape"])]
         if spec["dtype"] == "string":
-            inputs[spec["name"]] = np.full(shape, "a", dtype=object).tolist()
+            values = rng.choice(np.array(["a", "b", "c"], dtype=object), shape) if rng else np.full(shape, "a", object)
+            inputs[spec["name"]] = values.tolist()
             continue
         dtype = np.dtype(spec["dtype"])
-        inputs[spec["name"]] = np.full(shape, FILL[dtype.kind], dtype=dtype).tolist()
+        if rng is None:
+            values = np.full(shape, FILL[dtype.kind], dtype=dtype)
+        elif dtype.kind == "f":
+            values = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind == "b":
+            values = rng.random(shape) < 0.5
+        else:
+            values = rng.integers(0, 10, shape).astype(dtype)
+        inputs[spec["name"]] = values.tolist()
     return {"inputs": inputs}
 
 
