@@ -55,7 +55,12 @@ DEFAULTS = {
         "runtime": "auto",  # docker when an engine answers, else process (gunicorn on this machine)
         "port": 8080,
     },
-    "release": {  # `invoke release`: a new model on the serving image, compared, then traffic in steps
+    "release": {
+        # Gates of `invoke model.compare` (and the compare `invoke release` runs): None or "" is no gate.
+        "max_abs_diff": None,  # largest |candidate - baseline| allowed in any numeric output
+        "min_agreement": None,  # least arg-max / exact agreement of any output, a fraction (0.99)
+        "max_latency_ratio": None,  # largest candidate/baseline single-row p50 or p99
+        # `invoke release`: a new model on the serving image, compared, then traffic in steps
         "samples": "",  # JSONL file of /predict bodies for the compare, the smoke test and the answers check
         "steps": "10,50,100",  # Cloud Run: percents of traffic to the new model; 100 promotes it
         "step_wait": 600,  # Cloud Run: seconds each step serves before it is judged
@@ -70,11 +75,5 @@ DEFAULTS = {
     "smoke": {
         "timeout": 600,
         "sample": "",  # JSON file with a request body; empty: built from the model's /metadata
-    },
-    "release": {
-        # Gates of `invoke model.compare` (and the compare `invoke release` runs): None or "" is no gate.
-        "max_abs_diff": None,  # largest |candidate - baseline| allowed in any numeric output
-        "min_agreement": None,  # least arg-max / exact agreement of any output, a fraction (0.99)
-        "max_latency_ratio": None,  # largest candidate/baseline single-row p50 or p99
     },
 }

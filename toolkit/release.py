@@ -55,17 +55,15 @@ def parse_steps(text: str) -> list[int]:
 
 
 def load_samples(path: str) -> list[dict]:
-    """A JSONL file of /predict bodies, one a line."""
+    """A JSONL file of /predict bodies, one a line, read as `model.compare` reads it."""
     if not path:
         return []
+    from toolkit import compare
+
     try:
-        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-        samples = [json.loads(line) for line in lines]
-    except (OSError, ValueError) as exc:
-        raise Exit(f"cannot read --samples {path}: {exc}; it must hold one JSON /predict body a line") from None
-    if not samples or not all(isinstance(s, dict) for s in samples):
-        raise Exit(f"--samples {path} holds no /predict bodies: one JSON object a line, e.g. {{\"inputs\": ...}}")
-    return samples
+        return compare.read_samples(path)
+    except compare.CompareError as exc:
+        raise Exit(f"--samples: {exc}") from None
 
 
 def make_plan(c: Context, target: str, model: str, sha256: str, samples: str, steps: str, step_wait,
@@ -132,25 +130,26 @@ def answers(url: str, samples: list[dict], token: str = "") -> list[dict]:
 
 
 def compare_answers(c: Context, serving_url: str, candidate_url: str, samples: list[dict], token: str = "") -> None:
-    """The candidate's answers to the samples against the serving revision's, over HTTP; Exit when the drift
-    breaks a compare threshold (release.max_abs_diff, release.min_agreement)."""
+    """The candidate's answers to the samples against the serving revision's, over HTTP, held to the compare's
+    output gates (release.max_abs_diff, release.min_agreement); Exit with the failed gates in one line."""
     if not samples:
         return
+    import dataclasses
+
     from toolkit import compare
 
     drift = compare.diff_outputs(answers(serving_url, samples, token), answers(candidate_url, samples, token))
-    limits = compare.thresholds_from_config(c)
-    failures = []
     for name, figures in drift.items():
-        print(f"answers on {len(samples)} samples, output {name}: " + ", ".join(f"{k} {v}" for k, v in figures.items()))
-        diff, agreement = figures.get("max_abs_diff"), figures.get("agreement")
-        if limits.max_abs_diff is not None and isinstance(diff, (int, float)) and diff > limits.max_abs_diff:
-            failures.append(f"output {name}: max abs diff {diff:.6g} over release.max_abs_diff {limits.max_abs_diff}")
-        if limits.min_agreement is not None and isinstance(agreement, (int, float)) and agreement < limits.min_agreement:
-            failures.append(f"output {name}: agreement {agreement:.4g} under release.min_agreement "
-                            f"{limits.min_agreement}")
-        if figures.get("missing"):
-            failures.append(f"output {name}: the candidate does not answer it")
+        print(f"answers on {len(samples)} samples, output {name}: "
+              + ", ".join(f"{key} {value}" for key, value in figures.items()))
+    count = len(samples)
+    document = {"signature": {"breaking": []}, "outputs": drift, "latency": {},
+                "requests": {"count": count, "answered": {"baseline": count, "candidate": count},
+                             "errors": {"baseline": [], "candidate": []}, "refused_by_candidate_only": []}}
+    limits = dataclasses.replace(compare.thresholds_from_config(c), max_latency_ratio=None)  # speed: model.compare's
+    failures = compare.gate_failures(document, limits, allow_breaking=False)
+    failures += [f"output {name!r} is not in the candidate's answers" for name, figures in drift.items()
+                 if figures.get("only_in") == "baseline"]
     if failures:
         raise Exit("; ".join(failures))
 

@@ -73,7 +73,7 @@ def test_samples_are_jsonl_bodies(tmp_path):
     plan = release.make_plan(context(), "fly", "gs://b/v2.onnx#12", "", str(path), "", None, True, False)
     assert plan.samples == [{"inputs": {"x": [[1.0]]}}, {"inputs": {"x": [[2.0]]}}] and plan.pinned_id == "12"
     path.write_text("[1, 2]\n")
-    with pytest.raises(Exit, match="one JSON object a line"):
+    with pytest.raises(Exit, match="line 1 has no \"inputs\": each line must be a /predict body"):
         release.load_samples(str(path))
 
 
