@@ -90,7 +90,8 @@ def make_plan(c: Context, target: str, model: str, sha256: str, samples: str, st
 # ---- the compare gate --------------------------------------------------------------------------------------------
 
 
-def compare_gate(c: Context, plan: Plan, baseline: str, baseline_sha256: str, samples_path: str) -> None:
+def compare_gate(c: Context, plan: Plan, baseline: str, baseline_sha256: str, samples_path: str,
+                 warmup_input: str = "") -> None:
     """`model.compare` of the candidate against the serving model, on this machine; Exit on a failed gate."""
     if plan.skip_compare:
         print("!" * 100 + f"\n! --skip-compare: {plan.model} is NOT compared with the serving model {baseline}; "
@@ -106,7 +107,8 @@ def compare_gate(c: Context, plan: Plan, baseline: str, baseline_sha256: str, sa
     try:
         report = compare.compare_models(plan.model, baseline, samples=samples_path,
                                         thresholds=compare.thresholds_from_config(c),
-                                        candidate_sha256=plan.sha256, baseline_sha256=baseline_sha256)
+                                        candidate_sha256=plan.sha256, baseline_sha256=baseline_sha256,
+                                        warmup_input=warmup_input)
     except compare.CompareError as exc:
         raise Exit(f"release stopped before any change: the compare could not run: {exc}") from None
     print(report.text())

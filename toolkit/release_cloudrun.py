@@ -105,7 +105,8 @@ def release(c: Context, plan: common.Plan, samples_path: str) -> None:
         raise Exit(f"{stable} already serves {plan.model}: nothing to release")
     image_ref = image_by_digest(stable_rev)
     print(f"serving: {stable} ({image_ref}) with {serving_env.get('MODEL_URI')}")
-    common.compare_gate(c, plan, serving_env.get("MODEL_URI", ""), serving_env.get("MODEL_SHA256", ""), samples_path)
+    common.compare_gate(c, plan, serving_env.get("MODEL_URI", ""), serving_env.get("MODEL_SHA256", ""), samples_path,
+                        serving_env.get("WARMUP_INPUT", ""))
 
     existing = next((t for t in service["status"].get("traffic", []) if t.get("tag") == tag), None)
     if existing and revision_env(revision(c, existing["revisionName"])).get("MODEL_URI") == plan.model:

@@ -9,6 +9,8 @@ import json
 import pytest
 import yaml
 
+from tests.support import variants
+from tests.support.models import DEMO_MODEL
 from tests.support.monitoring_stub import NO_TRAFFIC, RevisionFigures, monitoring_stub  # noqa: F401 (fixture)
 from tests.toolkit.deploy_helpers import invoke
 from tests.toolkit.test_deploy_cloudrun import CONFIG, IMAGE, SERVICE, serving
@@ -39,8 +41,8 @@ def release(config, *flags):
                   "--skip-compare", *flags, **config)
 
 
-def candidate_of(stub) -> str:
-    return next(t["revisionName"] for t in stub.traffic(SERVICE) if t.get("tag") == TAG)
+def candidate_of(stub, tag: str = TAG) -> str:
+    return next(t["revisionName"] for t in stub.traffic(SERVICE) if t.get("tag") == tag)
 
 
 def test_release_reuses_the_serving_digest_moves_traffic_in_steps_and_records_the_model(gcloud_stub, monitoring_stub,
@@ -146,3 +148,50 @@ def test_dry_run_prints_every_command_and_query_and_runs_none(gcloud_stub, monit
     assert "--to-revisions CANDIDATE_REVISION=10" in result.stdout
     assert "run.googleapis.com%2Frequest_count" in result.stdout and "ALIGN_PERCENTILE_99" in result.stdout
     assert gcloud_stub.sent_services(SERVICE) == [] and monitoring_stub.queries == []
+
+
+@pytest.fixture
+def in_storage(gcloud_stub, project, emulator, monkeypatch):
+    """The serving revision's model as a gs:// object in the storage emulator; returns an upload function."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.host)
+    generation = emulator.upload("release-models", "demo.onnx", DEMO_MODEL)
+    serving_model = f"gs://release-models/demo.onnx#{generation}"
+    with gcloud_stub.state.lock:  # the serving revision was deployed with it
+        for revision in gcloud_stub.state.revisions.values():
+            revision["spec"]["containers"][0]["env"] = [{"name": "MODEL_URI", "value": serving_model}]
+
+    def upload(path) -> tuple[str, str]:
+        generation = emulator.upload("release-models", path.name, path)
+        return f"gs://release-models/{path.name}#{generation}", f"m-{generation}"
+
+    return upload
+
+
+def test_the_compare_gate_stops_a_breaking_candidate_before_any_change(gcloud_stub, project, in_storage, tmp_path):
+    config, record, stable = project
+    model, tag = in_storage(variants.renamed_output(DEMO_MODEL, tmp_path / "renamed.onnx", "probabilities", "probs"))
+    result = invoke("-f", str(record), "release", "--target", "cloudrun", "--model", model, **config)
+    assert result.returncode == 1
+    assert "Signature (baseline -> candidate)" in result.stdout and "FAIL: 1 gate(s) failed" in result.stdout
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("release stopped before any change: the candidate fails the compare: breaking signature")
+    assert "probabilities" in line
+    assert gcloud_stub.sent_services(SERVICE) == [] and serving(gcloud_stub) == {stable: 100}
+
+
+def test_a_compatible_candidate_passes_the_compare_and_its_answers_match_over_http(gcloud_stub, project, in_storage,
+                                                                                   healthy, tmp_path):
+    config, record, stable = project
+    model, tag = in_storage(variants.reexport(DEMO_MODEL, tmp_path / "reexport.onnx"))
+    gcloud_stub.state.urls[tag] = healthy
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text('{"inputs": {"features": [[0.1, 0.2, 0.3, 0.4]]}}\n'
+                       '{"inputs": {"features": [[1.0, -1.0, 0.5, 2.0], [0.0, 0.0, 0.0, 0.0]]}}\n')
+    result = invoke("-f", str(record), "release", "--target", "cloudrun", "--model", model, "--samples", str(samples),
+                    "--steps", "100", **config, release_max_abs_diff="0.000001", release_min_agreement="1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "answers on 2 samples, output logits: requests 2, shape_mismatches 0, kind float, max_abs_diff 0.0" in (
+        result.stdout)
+    candidate = candidate_of(gcloud_stub, tag)
+    assert serving(gcloud_stub) == {candidate: 100}
+    assert yaml.safe_load(record.read_text())["model"]["uri"] == model
