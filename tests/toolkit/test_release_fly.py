@@ -8,6 +8,8 @@ import json
 import pytest
 import yaml
 
+from tests.support import variants
+from tests.support.models import DEMO_MODEL
 from tests.toolkit.deploy_helpers import invoke
 from tests.toolkit.test_deploy_fly import APP, CONFIG, OLD_IMAGE, deploys
 
@@ -81,3 +83,22 @@ def test_a_failed_blue_green_deploy_changes_nothing_more(fake_flyctl, project, h
     assert len(deploys(fake_flyctl)) == 1  # no second deploy: the blue Machines kept serving
     assert all(env["MODEL_URI"] == OLD_MODEL for env in machine_env(fake_flyctl))
     assert "the blue-green deploy failed, the previous Machines keep serving" in result.stderr.strip().splitlines()[-1]
+
+
+def test_the_compare_gate_runs_against_the_model_the_machines_serve(fake_flyctl, tmp_path, healthy, emulator,
+                                                                    monkeypatch):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.host)
+    serving = f"gs://fly-models/demo.onnx#{emulator.upload('fly-models', 'demo.onnx', DEMO_MODEL)}"
+    changed = variants.output_as_double(DEMO_MODEL, tmp_path / "double.onnx", "probabilities")
+    candidate = f"gs://fly-models/double.onnx#{emulator.upload('fly-models', 'double.onnx', changed)}"
+    fake_flyctl.add_app(APP, image=OLD_IMAGE, env={"MODEL_URI": serving})
+    record = tmp_path / "invoke.yaml"
+    record.write_text(f"model:\n  uri: {serving}\n")
+    config = {k: v for k, v in CONFIG.items() if k != "model_uri"}
+    result = invoke("-f", str(record), "release", "--target", "fly", "--model", candidate, **config,
+                    release_record=str(record), fly_url=healthy)
+    assert result.returncode == 1
+    assert f"against the serving {serving}" in result.stdout
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("release stopped before any change: the candidate fails the compare: breaking")
+    assert "probabilities" in line and "float64" in line and deploys(fake_flyctl) == []
