@@ -318,6 +318,9 @@ def rollback_release(c: Context, target: str, dry_run: bool) -> bool:
     entry = last_release(c, target) if target in RELEASE_TARGETS else None
     if entry is None:
         return False
+    if not dry_run and not _module(target).still_serving(c, entry):
+        print(f"the last release ({entry['model']['uri']}) no longer serves as released: rolling back the deploy")
+        return False
     print(f"rolling back the release of {entry['model']['uri']} ({entry['released_at']}) to {entry['previous']['uri']}")
     _module(target).rollback(c, entry, dry_run)
     return True

@@ -183,6 +183,12 @@ def dry_run(c: Context, plan: common.Plan, tag: str, samples_path: str) -> None:
     print(f"# on a failed gate: {shlex.join(traffic_command(c, 'SERVING_REVISION', 100))}")
 
 
+def still_serving(c: Context, entry: dict) -> bool:
+    """The released revision still takes traffic (no code deploy or other release replaced it)."""
+    service = describe(c)
+    return service is not None and entry["revision"] in cloudrun.serving_revisions(service)
+
+
 def rollback(c: Context, entry: dict, dry_run: bool) -> None:
     """Undo the last release: all traffic to the revision it replaced, and its model back in invoke.yaml."""
     command = traffic_command(c, entry["previous_revision"], 100)

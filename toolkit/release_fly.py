@@ -88,6 +88,11 @@ def release(c: Context, plan: common.Plan, samples_path: str) -> None:
     print(f"released: {plan.model} serves on every Machine of {c.fly.app}")
 
 
+def still_serving(c: Context, entry: dict) -> bool:
+    """The release's image and model are what the current release runs (no deploy replaced them)."""
+    return current_release(c)["ImageRef"] == entry["image"] and serving_model(c)["uri"] == entry["model"]["uri"]
+
+
 def rollback(c: Context, entry: dict, dry_run: bool) -> None:
     """Undo the last release: the image it ran on, with the model it replaced."""
     command = deploy_command(c, entry["image"], entry["previous"], "immediate")

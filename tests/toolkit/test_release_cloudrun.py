@@ -118,6 +118,16 @@ def test_too_few_requests_hold_the_split_instead_of_promoting(gcloud_stub, monit
     line = result.stderr.strip().splitlines()[-1]  # the reason, in one line, after gcloud's progress
     assert f"release held at 10% to {candidate}" in line and "fewer than release.min_requests 100" in line
 
+    # the same command again judges a new window and goes on from the held split, on the same revision
+    monitoring_stub.default = RevisionFigures({"2xx": 400}, 100.0)
+    again = release(config)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"resuming: revision {candidate} already carries tag {TAG}" in again.stdout
+    assert len(gcloud_stub.revisions(SERVICE)) == 2 and serving(gcloud_stub) == {candidate: 100}
+    shares = [{t["revisionName"]: t["percent"] for t in s["spec"]["traffic"] if t.get("percent")}
+              for s in gcloud_stub.sent_services(SERVICE)[2:]]
+    assert shares == [{stable: 50, candidate: 50}, {candidate: 100}]
+
 
 def test_a_failed_smoke_test_leaves_traffic_where_it_was(gcloud_stub, monitoring_stub, project, broken):
     config, record, stable = project
