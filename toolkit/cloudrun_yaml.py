@@ -55,8 +55,9 @@ def manifest(c: Context, image_ref: str, model_mount: bool = False, revision: st
     }
     if model_mount:
         container["volumeMounts"] = [{"name": cloudrun_spec.VOLUME, "mountPath": cloudrun_spec.MOUNT_PATH}]
-        spec["volumes"] = [{"name": cloudrun_spec.VOLUME, "csi": {"driver": "gcsfuse.run.googleapis.com", "readOnly": True,
-                                                             "volumeAttributes": {"bucketName": model_bucket(c)}}}]
+        spec["volumes"] = [{"name": cloudrun_spec.VOLUME,
+                            "csi": {"driver": "gcsfuse.run.googleapis.com", "readOnly": True,
+                                    "volumeAttributes": {"bucketName": model_bucket(c)}}}]
     template = {"metadata": {"annotations": annotations}, "spec": spec}
     if revision:
         template["metadata"]["name"] = revision

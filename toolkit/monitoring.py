@@ -1,6 +1,7 @@
 """Cloud Monitoring figures of one Cloud Run revision over a window: requests by response class and the p99
-latency, read from the timeSeries REST API (https://cloud.google.com/monitoring/api/ref_v3/rest/v3/projects.timeSeries/list)
-with the deployer's credentials. `release` judges each traffic step on them.
+latency, read from the timeSeries REST API with the deployer's credentials
+(https://cloud.google.com/monitoring/api/ref_v3/rest/v3/projects.timeSeries/list). `release` judges each
+traffic step on them.
 
 Cloud Monitoring samples Cloud Run every 60 s and shows a sample up to 180 s later: a window shorter than a few
 minutes is noise, and a step is read only after `release.ingestion_delay`.

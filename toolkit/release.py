@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,7 +167,8 @@ class Verdict:
 
 
 def judge(c: Context, candidate: Figures, stable: Figures) -> Verdict:
-    """Unhealthy beats too-few-requests (as in cloud-run-release-manager): a 5xx burst rolls back even on a thin step."""
+    """Advance, roll back or hold. Unhealthy beats too-few-requests (as in cloud-run-release-manager): a 5xx burst
+    rolls back even on a thin step."""
     limits = c.release
     share, ceiling = candidate.error_share, float(limits.max_5xx_share)
     if candidate.requests and share > ceiling and share > stable.error_share:
@@ -322,7 +324,11 @@ def rollback_release(c: Context, target: str, dry_run: bool) -> bool:
         print(f"the last release ({entry['model']['uri']}) no longer serves as released: rolling back the deploy")
         return False
     print(f"rolling back the release of {entry['model']['uri']} ({entry['released_at']}) to {entry['previous']['uri']}")
-    _module(target).rollback(c, entry, dry_run)
+    command, done = _module(target).rollback_command(c, entry)
+    c.run(shlex.join(command), dry=dry_run)
+    if not dry_run:
+        print(done)
+        record_rollback(c, entry)
     return True
 
 
@@ -334,7 +340,8 @@ def rollback_release(c: Context, target: str, dry_run: bool) -> bool:
         "samples": "JSONL file of /predict bodies for the compare, the smoke test and the answers check "
                    "(default: release.samples)",
         "steps": "Cloud Run: traffic percents to the new model, e.g. 10,50,100 (default: release.steps)",
-        "step_wait": "Cloud Run: seconds each step serves before Cloud Monitoring judges it (default: release.step_wait)",
+        "step_wait": "Cloud Run: seconds each step serves before Cloud Monitoring judges it "
+                     "(default: release.step_wait)",
         "skip_compare": "do not compare the new model with the serving one first (said loudly)",
         "dry_run": "print every command and query instead of running it",
     }

@@ -159,8 +159,8 @@ def release(c: Context, plan: common.Plan, samples_path: str) -> None:
             raise Exit(f"release held at {percent}% to {name}: {verdict.reason}; run the same `invoke release` again "
                        f"to judge a new window, or `invoke rollback --target cloudrun` to go back to {stable}")
         print(f"step {percent}% healthy: {verdict.reason}")
-    common.record(c, {"target": "cloudrun", "model": {"uri": plan.model, "sha256": plan.sha256},
-                      "previous": {"uri": serving_env.get("MODEL_URI", ""), "sha256": serving_env.get("MODEL_SHA256", "")},
+    previous = {"uri": serving_env.get("MODEL_URI", ""), "sha256": serving_env.get("MODEL_SHA256", "")}
+    common.record(c, {"target": "cloudrun", "model": {"uri": plan.model, "sha256": plan.sha256}, "previous": previous,
                       "revision": name, "previous_revision": stable, "image": image_ref, "tag": tag})
     print(f"released: {plan.model} serves 100% on {name}")
 
@@ -189,15 +189,10 @@ def still_serving(c: Context, entry: dict) -> bool:
     return service is not None and entry["revision"] in cloudrun.serving_revisions(service)
 
 
-def rollback(c: Context, entry: dict, dry_run: bool) -> None:
-    """Undo the last release: all traffic to the revision it replaced, and its model back in invoke.yaml."""
-    command = traffic_command(c, entry["previous_revision"], 100)
-    if dry_run:
-        c.run(shlex.join(command), dry=True)
-        return
-    c.run(shlex.join(command))
-    print(f"traffic: 100% to {entry['previous_revision']} ({entry['previous']['uri']})")
-    common.record_rollback(c, entry)
+def rollback_command(c: Context, entry: dict) -> tuple[list[str], str]:
+    """Undo a release: all traffic to the revision it replaced."""
+    previous = entry["previous_revision"]
+    return traffic_command(c, previous, 100), f"traffic: 100% to {previous} ({entry['previous']['uri']})"
 
 
 # ---- status --------------------------------------------------------------------------------------------------------

@@ -55,7 +55,8 @@ def release(c: Context, plan: common.Plan, samples_path: str) -> None:
     fly.check_ready(c, plan.dry_run)
     candidate = {"uri": plan.model, "sha256": plan.sha256}
     if plan.dry_run:
-        print(f"# {shlex.join([fly.flyctl() or 'flyctl', 'releases', '--json', *fly._app(c)])}  (the image that serves)")
+        releases = shlex.join([fly.flyctl() or "flyctl", "releases", "--json", *fly._app(c)])
+        print(f"# {releases}  (the image that serves)")
         common.compare_gate(c, plan, "SERVING_MODEL_URI", "", samples_path)
         c.run(shlex.join(deploy_command(c, "SERVING_IMAGE", candidate, "bluegreen")), dry=True)
         print(f"# then: smoke test {fly.app_url(c)} with the samples; on failure: "
@@ -71,8 +72,9 @@ def release(c: Context, plan: common.Plan, samples_path: str) -> None:
 
     deployed = c.run(shlex.join(deploy_command(c, image_ref, candidate, "bluegreen")), warn=True)
     if not deployed.ok:
-        raise Exit(f"release stopped: the blue-green deploy failed, the previous Machines keep serving {previous['uri']}"
-                   f" ({(deployed.stderr or '').strip().splitlines()[-1:] or ['no detail']})")
+        detail = ((deployed.stderr or "").strip().splitlines() or ["no detail"])[-1]
+        raise Exit(f"release stopped: the blue-green deploy failed, the previous Machines keep serving "
+                   f"{previous['uri']} ({detail})")
     result = smoke.check(fly.app_url(c), timeout=float(c.smoke.timeout),
                          sample=plan.samples[0] if plan.samples else None, expect_sha256=plan.sha256)
     failure = result.reason if not result.ok else ""
@@ -93,15 +95,10 @@ def still_serving(c: Context, entry: dict) -> bool:
     return current_release(c)["ImageRef"] == entry["image"] and serving_model(c)["uri"] == entry["model"]["uri"]
 
 
-def rollback(c: Context, entry: dict, dry_run: bool) -> None:
-    """Undo the last release: the image it ran on, with the model it replaced."""
+def rollback_command(c: Context, entry: dict) -> tuple[list[str], str]:
+    """Undo a release: the image it ran on, with the model it replaced."""
     command = deploy_command(c, entry["image"], entry["previous"], "immediate")
-    if dry_run:
-        c.run(shlex.join(command), dry=True)
-        return
-    c.run(shlex.join(command))
-    print(f"redeployed {entry['image']} with {entry['previous']['uri']}")
-    common.record_rollback(c, entry)
+    return command, f"redeployed {entry['image']} with {entry['previous']['uri']}"
 
 
 def status(c: Context, as_json: bool) -> None:

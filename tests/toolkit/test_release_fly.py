@@ -82,7 +82,8 @@ def test_a_failed_blue_green_deploy_changes_nothing_more(fake_flyctl, project, h
     assert result.returncode == 1
     assert len(deploys(fake_flyctl)) == 1  # no second deploy: the blue Machines kept serving
     assert all(env["MODEL_URI"] == OLD_MODEL for env in machine_env(fake_flyctl))
-    assert "the blue-green deploy failed, the previous Machines keep serving" in result.stderr.strip().splitlines()[-1]
+    line = result.stderr.strip().splitlines()[-1]
+    assert "the blue-green deploy failed, the previous Machines keep serving" in line and "the app crashed)" in line
 
 
 def test_the_compare_gate_runs_against_the_model_the_machines_serve(fake_flyctl, tmp_path, healthy, emulator,
