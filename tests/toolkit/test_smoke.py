@@ -25,14 +25,17 @@ def quiet(_):
 
 def test_passes_once_the_model_loads_after_a_delay(tmp_path):
     port = free_port()
-    model = linear_model(tmp_path / "m.onnx")
+    store = tmp_path / "storage"
+    # The object is stored first, so storage that comes up late has it from its first answer (an emulator started
+    # empty could answer "no such object" before the upload, which is a failed load, not a late one).
+    with storage_emulator(port, data_dir=store) as emulator:
+        emulator.upload("late", "m.onnx", linear_model(tmp_path / "m.onnx"))
     seen = []
     with run_service("gs://late/m.onnx", tmp_path, STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{port}") as service:
 
         def storage_comes_up_late():
             time.sleep(3)
-            with storage_emulator(port) as emulator:
-                emulator.upload("late", "m.onnx", model)
+            with storage_emulator(port, data_dir=store):
                 done.wait(60)
 
         done = threading.Event()
