@@ -103,3 +103,13 @@ def test_the_compare_gate_runs_against_the_model_the_machines_serve(fake_flyctl,
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("release stopped before any change: the candidate fails the compare: breaking")
     assert "probabilities" in line and "float64" in line and deploys(fake_flyctl) == []
+
+
+def test_dry_run_prints_the_deploy_and_the_way_back_and_runs_no_flyctl(fake_flyctl, project):
+    config, record = project
+    result = invoke("-f", str(record), "release", "--target", "fly", "--model", NEW_MODEL, "--dry-run", **config)
+    assert result.returncode == 0, result.stderr
+    assert "# invoke model.compare --candidate " + NEW_MODEL in result.stdout
+    assert f"deploy --app {APP} --config fly.toml --wait-timeout 10m --image SERVING_IMAGE --env " in result.stdout
+    assert "--strategy bluegreen" in result.stdout and "--strategy immediate" in result.stdout
+    assert fake_flyctl.argvs() == [] and NEW_MODEL not in record.read_text()
