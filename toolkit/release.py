@@ -193,10 +193,10 @@ def config_file(c: Context) -> Path:
     """The invoke.yaml that holds model.uri: release.record, else the -f file, else the project's."""
     if c.release.record:
         return Path(c.release.record)
-    runtime = getattr(c.config, "_runtime_path", None)
-    if runtime:
-        return Path(runtime)
-    return Path(getattr(c.config, "_project_prefix", "") or "./") / "invoke.yaml"
+    for loaded in (getattr(c.config, "_runtime_path", None), getattr(c.config, "_project_path", None)):
+        if loaded:  # the file Invoke read: `invoke -f FILE`, else the project's invoke.yaml (or .yml)
+            return Path(loaded)
+    return Path(getattr(c.config, "_project_prefix", None) or "./") / "invoke.yaml"
 
 
 def history_file(c: Context) -> Path:
