@@ -6,8 +6,9 @@ from toolkit import compare, fly, gcp, image, local, smoke
 from toolkit.defaults import DEFAULTS
 from toolkit.bench import bench
 from toolkit.deploy import deploy, render, rollback
+from toolkit.release import release, status
 
-ns = Collection(deploy, render, rollback, smoke.smoke, bench)
+ns = Collection(deploy, render, rollback, smoke.smoke, bench, release, status)
 ns.add_collection(Collection.from_module(image), name="image")
 ns.add_collection(Collection(local.stop), name="local")
 ns.add_collection(Collection(fly.credentials, fly.api_key), name="fly")
