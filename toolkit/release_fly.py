@@ -62,7 +62,7 @@ def release(c: Context, plan: common.Plan, samples_path: str) -> None:
         print(f"# then: smoke test {fly.app_url(c)} with the samples; on failure: "
               + shlex.join(deploy_command(c, "SERVING_IMAGE", {"uri": "SERVING_MODEL_URI"}, "immediate")))
         return
-    fly.require_bucket_access(c)
+    fly.require_bucket_access(c, fly.secret_names(c))
     image_ref = current_release(c)["ImageRef"]
     previous = serving_model(c)
     if previous["uri"] == plan.model and previous.get("sha256", "") == plan.sha256:
