@@ -76,6 +76,13 @@ class Settings(BaseSettings):
     ort_allow_spinning: bool = Field(False, description="let onnxruntime threads spin between ops (burns idle CPU)")
     inference_threads: int = Field(0, ge=0, description="concurrent session.run calls per worker; 0: same as intra-op threads")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest accepted request body")
+    memory_limit_bytes: int = Field(
+        0, ge=0, description="the container's memory limit when its cgroup shows none (the lower one wins when both "
+        "are set); requests in flight are admitted against it (service/memory.py); 0: the cgroup's only"
+    )
+    memory_wait_seconds: float = Field(
+        2.0, ge=0, le=60, description="how long a request waits for room in the memory budget before its 503"
+    )
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info")
     worker_timeout: int = Field(300, ge=0, description="gunicorn heartbeat timeout; must outlast a large model load")
     graceful_timeout: int = Field(8, ge=1, description="seconds in-flight requests get after SIGTERM (Cloud Run: 10)")
