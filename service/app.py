@@ -57,7 +57,7 @@ def create_app(settings: Settings) -> InferenceApp:
     )
 
     def measure_memory() -> None:
-        budget.measure()
+        budget.measure(decoders=settings.run_threads, largest_body=settings.max_body_bytes)
         log.info("memory budget for requests in flight: %s", budget.as_json())
         if metrics:
             metrics.memory_measured(budget.limit.bytes, budget.total)
@@ -78,6 +78,7 @@ def create_app(settings: Settings) -> InferenceApp:
     api = FastAPI(title="ONNX inference service", lifespan=lifespan, docs_url=None, redoc_url=None)
     api.state.store = store
     api.state.scheduler = scheduler
+    api.state.memory = budget
 
     @api.get("/health")
     async def health() -> JSONResponse:
@@ -201,8 +202,8 @@ class Endpoint:
                 if self.metrics is not None:
                     self.metrics.memory(self.budget.limit.bytes, self.budget.total, self.budget.in_use)
 
-    async def _admit(self, body_bytes: int, headers: dict[bytes, bytes], held: list[int]) -> None:
-        cost = request_cost(body_bytes, binary=b"inference-header-content-length" in headers)
+    async def _admit(self, body_bytes: int, held: list[int]) -> None:
+        cost = request_cost(body_bytes)
         await self.budget.admit(cost)
         held[0] += cost
 
@@ -222,10 +223,10 @@ class Endpoint:
         try:
             declared = headers.get(b"content-length", b"")
             if declared.isdigit() and int(declared) <= self.max_body_bytes:
-                await self._admit(int(declared), headers, held)  # before a byte of the body is read
+                await self._admit(int(declared), held)  # before a byte of the body is read
             body = await read_body(headers, receive, self.max_body_bytes)
             if not declared.isdigit():
-                await self._admit(len(body), headers, held)  # chunked: by the bytes read
+                await self._admit(len(body), held)  # chunked: by the bytes read
             loop = asyncio.get_running_loop()
             if len(body) > INLINE_BODY_BYTES:
                 # The request's trace id rides along to log lines written in the pool.

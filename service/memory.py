@@ -5,10 +5,13 @@ through /proc/self/cgroup and /proc/self/mountinfo so it works with and without 
 MEMORY_LIMIT_BYTES (the lower of the two when both are set). Once the model is loaded, a worker's budget is its
 share of that limit minus what the process already holds (the model, onnxruntime, Python) and a reserve.
 
-A request is admitted by its Content-Length before its body is read (the HTTP server reads no more than 64 KiB of
-a body the app has not asked for), or by the bytes read when there is none. What it costs is the body times what
-decoding it takes (JSON numbers become Python floats on their way to the tensor: measured 8 bytes per body byte
-at the peak for float rows), held until the answer is sent.
+Decoding is where the memory goes: JSON numbers become Python floats on their way to the tensor, measured at 8
+bytes per body byte at the peak for float rows. It happens only in the worker's inference pool
+(INFERENCE_THREADS at once; bodies under 16 KiB on the event loop, one at a time), so the budget sets aside room
+for that many decodes of the largest body, and a request holds only what stays while it waits and runs: its
+body and its joined copy, then its body and its tensor, twice the body. It is admitted by its Content-Length
+before its body is read (the HTTP server reads no more than 64 KiB of a body the app has not asked for), or by
+the bytes read when there is none, and holds its share until its answer is sent.
 """
 
 from __future__ import annotations
@@ -19,11 +22,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-# Memory a request takes per byte of its body, at its peak: the body, its copy when joined, and the decoded form.
-# JSON (measured: 8x the body while orjson's Python floats become the tensor, + the body + its join) and binary
-# V2 tensors (the body, the join, the tensor and the output).
-JSON_BYTES_PER_BODY_BYTE = 10
-BINARY_BYTES_PER_BODY_BYTE = 3
+# Memory per byte of body while decoding it, at the peak (measured for JSON float rows; binary V2 bodies need ~1).
+DECODE_BYTES_PER_BODY_BYTE = 8
+# Memory a request holds per byte of its body from admission to answer: the body and its join, then body + tensor.
+HELD_BYTES_PER_BODY_BYTE = 2
 # v1 reports "no limit" as the largest page-aligned int64; anything this large is no limit.
 UNLIMITED = 1 << 60
 MIB = 1024 * 1024
@@ -132,8 +134,8 @@ def resident_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def request_cost(body_bytes: int, binary: bool) -> int:
-    return body_bytes * (BINARY_BYTES_PER_BODY_BYTE if binary else JSON_BYTES_PER_BODY_BYTE)
+def request_cost(body_bytes: int) -> int:
+    return body_bytes * HELD_BYTES_PER_BODY_BYTE
 
 
 class OverBudget(Exception):
@@ -152,19 +154,22 @@ class MemoryBudget:
         self.limit, self.workers, self.wait_seconds = limit, workers, wait_seconds
         self.total: int | None = None  # set once the model is loaded (`measure`); None: no budget
         self.baseline = 0
+        self.decode_reserve = 0
         self.in_use = 0
         self.peak = 0
         self.refused = 0
         self.waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
 
-    def measure(self) -> None:
-        """Set the budget from the limit and what this process holds now, with the model loaded."""
+    def measure(self, decoders: int = 0, largest_body: int = 0) -> None:
+        """Set the budget from the limit and what this process holds now, with the model loaded, less room for
+        `decoders` decodes of the `largest_body` at once."""
         if self.limit.bytes is None:
             return
         share = self.limit.bytes // self.workers
         self.baseline = resident_bytes()
         reserve = max(64 * MIB, share // 8)  # the master, allocator slack, answers being written
-        self.total = max(0, share - self.baseline - reserve)
+        self.decode_reserve = decoders * largest_body * DECODE_BYTES_PER_BODY_BYTE
+        self.total = max(0, share - self.baseline - reserve - self.decode_reserve)
 
     async def admit(self, cost: int) -> None:
         """Reserve `cost` bytes, waiting up to `wait_seconds`; raises OverBudget."""
@@ -174,9 +179,9 @@ class MemoryBudget:
         if cost > total:
             self.refused += 1
             raise OverBudget(
-                f"this request needs about {cost // MIB} MiB to decode, more than this instance's "
-                f"{total // MIB} MiB budget for requests in flight; send fewer rows per request, or give the "
-                "container more memory", 413)
+                f"this request needs about {cost // MIB} MiB, more than this instance's {total // MIB} MiB "
+                "budget for requests in flight; send fewer rows per request, or give the container more memory "
+                "(or lower MAX_BODY_BYTES or INFERENCE_THREADS, which set memory aside for decoding)", 413)
         if not self.waiters and self.in_use + cost <= total:
             self._take(cost)
             return
@@ -213,6 +218,6 @@ class MemoryBudget:
     def as_json(self) -> dict:
         return {
             "limit_bytes": self.limit.bytes, "limit_source": self.limit.source, "baseline_bytes": self.baseline,
-            "budget_bytes": self.total, "in_use_bytes": self.in_use, "peak_in_use_bytes": self.peak,
+            "decode_reserve_bytes": self.decode_reserve, "budget_bytes": self.total, "in_use_bytes": self.in_use, "peak_in_use_bytes": self.peak,
             "waiting": len(self.waiters), "refused": self.refused,
         }  # fmt: skip

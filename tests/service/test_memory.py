@@ -4,11 +4,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
+from service.app import create_app
 from service.memory import MIB, MemoryBudget, MemoryLimit, OverBudget, container_memory_limit
+from service.settings import load_settings
+from tests.support.models import linear_model
 
 GIB = 1024 * MIB
 V1_UNLIMITED = "9223372036854771712"
@@ -141,8 +146,70 @@ def test_no_limit_means_no_budget():
     asyncio.run(scenario())
 
 
-def test_the_budget_is_the_workers_share_less_what_the_process_holds():
+def test_the_budget_is_the_workers_share_less_what_the_process_holds_and_room_to_decode():
     budget = MemoryBudget(MemoryLimit(4 * GIB, "test"), workers=2)
-    budget.measure()
+    budget.measure(decoders=2, largest_body=16 * MIB)
     assert 0 < budget.baseline < GIB
-    assert budget.total == 2 * GIB - budget.baseline - 2 * GIB // 8
+    assert budget.decode_reserve == 2 * 16 * MIB * 8
+    assert budget.total == 2 * GIB - budget.baseline - 2 * GIB // 8 - budget.decode_reserve
+    assert budget.as_json()["budget_bytes"] == budget.total
+
+
+# --- the budget in the app (in-process, real onnxruntime session) ---------------------------------------------
+
+
+@pytest.fixture
+def service(tmp_path):
+    model = linear_model(tmp_path / "linear.onnx")
+    settings = load_settings({"MODEL_URI": str(model), "EXIT_ON_LOAD_FAILURE_AFTER": "-1",
+                              "MEMORY_LIMIT_BYTES": str(64 * GIB), "MEMORY_WAIT_SECONDS": "0.2"})
+    app = create_app(settings)
+    with TestClient(app) as client:
+        assert app.state.store.loaded.wait(30)
+        yield client, app.state.memory
+
+
+def rows_body(rows: int) -> bytes:
+    return json.dumps({"inputs": {"features": [[0.25, -1.5, 3.0, 0.125]] * rows}}).encode()
+
+
+def test_health_shows_the_budget_measured_after_the_load(service):
+    client, budget = service
+    memory = client.get("/health").json()["memory"]
+    assert memory["limit_bytes"] <= 64 * GIB and memory["budget_bytes"] == budget.total > 0
+    assert memory["baseline_bytes"] > 0 and memory["decode_reserve_bytes"] > 0
+    assert memory["in_use_bytes"] == 0 and memory["refused"] == 0
+
+
+def test_a_body_that_never_fits_gets_413_and_one_that_finds_no_room_503_with_retry_after(service):
+    client, budget = service
+    body = rows_body(2000)
+    budget.total = len(body)  # holds twice its body: never fits
+    response = client.post("/predict", content=body)
+    assert response.status_code == 413 and "fewer rows per request" in response.json()["detail"]
+
+    budget.total = 4 * len(body)
+    budget.in_use = 3 * len(body)  # other requests hold the rest
+    response = client.post("/predict", content=body)
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert "memory" in response.json()["detail"] and "retry" in response.json()["detail"]
+    v2 = client.post("/v2/models/linear/infer", content=json.dumps(
+        {"inputs": [{"name": "features", "shape": [2000, 4], "datatype": "FP32", "data": [0.5] * 8000}]}))
+    assert v2.status_code == 503 and "memory" in v2.json()["error"]
+
+    budget.release(3 * len(body))
+    response = client.post("/predict", content=body)
+    assert response.status_code == 200 and len(response.json()["outputs"]["scores"]) == 2000
+    memory = client.get("/health").json()["memory"]
+    assert memory["in_use_bytes"] == 0 and memory["refused"] == 3 and memory["peak_in_use_bytes"] == 2 * len(body)
+
+
+def test_a_chunked_body_is_admitted_by_the_bytes_read(service):
+    client, budget = service
+    body = rows_body(2000)
+    budget.total = len(body)
+    response = client.post("/predict", content=iter([body[:1000], body[1000:]]))  # no Content-Length
+    assert response.status_code == 413
+    budget.total = 10 * len(body)
+    response = client.post("/predict", content=iter([body[:1000], body[1000:]]))
+    assert response.status_code == 200
