@@ -169,15 +169,15 @@ INLINE_OUTPUT_BYTES = 64 * 1024
 
 
 class Endpoint:
-    """One inference route: refuse while not ready, read the body, decode it (the protocol's codec), run it
-    through the batching scheduler, encode the answer. Bad input is the protocol's 4xx, never a 500."""
+    """One inference route: refuse while not ready, admit the request against the memory budget, read the body,
+    decode it (the protocol's codec), run it through the batching scheduler, encode the answer. Bad input is the
+    protocol's 4xx, never a 500."""
 
     def __init__(self, store: ModelStore, scheduler: Scheduler, executor: ThreadPoolExecutor, max_body_bytes: int,
-                 protocol: Any, budget: MemoryBudget | None = None, metrics: Recorder | None = None):
+                 protocol: Any, budget: MemoryBudget, metrics: Recorder | None = None):
         self.store, self.scheduler, self.executor = store, scheduler, executor
         self.max_body_bytes, self.protocol = max_body_bytes, protocol
-        self.budget = budget or MemoryBudget(container_memory_limit(0))
-        self.metrics = metrics
+        self.budget, self.metrics = budget, metrics
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         await self.handle(scope, receive, send, dict(scope["headers"]))
@@ -218,7 +218,9 @@ class Endpoint:
         extra = [(b"retry-after", b"1")] if exc.status == 503 else []
         return await _send(send, *self.protocol.error(str(exc), exc.status), [JSON_CONTENT, *extra])
 
-    async def _answer(self, scope: dict, receive: Any, send: Any, headers: dict[bytes, bytes], held: list[int]) -> tuple[int, int]:
+    async def _answer(
+        self, scope: dict, receive: Any, send: Any, headers: dict[bytes, bytes], held: list[int]
+    ) -> tuple[int, int]:
         protocol = self.protocol
         try:
             declared = headers.get(b"content-length", b"")

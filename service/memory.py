@@ -218,6 +218,7 @@ class MemoryBudget:
     def as_json(self) -> dict:
         return {
             "limit_bytes": self.limit.bytes, "limit_source": self.limit.source, "baseline_bytes": self.baseline,
-            "decode_reserve_bytes": self.decode_reserve, "budget_bytes": self.total, "in_use_bytes": self.in_use, "peak_in_use_bytes": self.peak,
+            "decode_reserve_bytes": self.decode_reserve, "budget_bytes": self.total, "in_use_bytes": self.in_use,
+            "peak_in_use_bytes": self.peak,
             "waiting": len(self.waiters), "refused": self.refused,
         }  # fmt: skip

@@ -71,6 +71,12 @@ def _unread_bytes(transport: asyncio.Transport) -> int:
     return count[0]
 
 
+def _closed(sock: Any) -> bool:
+    """Whether the event loop has closed this listener (gunicorn's wrapper drops its socket when closed)."""
+    inner = getattr(sock, "sock", sock)
+    return inner is None or inner.fileno() == -1
+
+
 class DrainingServer(Server):
     """uvicorn's Server with the shutdown described in this module's docstring."""
 
@@ -86,11 +92,14 @@ class DrainingServer(Server):
         held = [socket.socket(fileno=os.dup(sock.fileno())) for sock in sockets or []]
         for server in self.servers:
             server.close()
-        for _ in range(3):
-            await asyncio.sleep(0)
+        give_up = loop.time() + 1.0
+        while not all(_closed(sock) for sock in sockets or []) and loop.time() < give_up:
+            await asyncio.sleep(0.001)
+        taken = [task for listener in held for task in self._take_backlog(listener)]
         for listener in held:
-            self._take_backlog(listener)
             listener.close()  # right after: the kernel has (next to) nothing left to reset
+        if taken:
+            await asyncio.gather(*taken, return_exceptions=True)  # each connection is in `connections` now
 
         while self.server_state.connections and not self.force_exit:
             past_window = loop.time() >= window_ends
@@ -110,17 +119,18 @@ class DrainingServer(Server):
         if not self.force_exit:
             await self.lifespan.shutdown()
 
-    def _take_backlog(self, listener: socket.socket) -> None:
-        """Accept every connection the kernel has completed on the listener, and serve it like any other."""
+    def _take_backlog(self, listener: socket.socket) -> list[asyncio.Task]:
+        """Accept every connection the kernel has completed on the listener, to be served like any other."""
         loop = asyncio.get_running_loop()
         listener.setblocking(False)
+        tasks = []
         while True:
             try:
                 conn, _ = listener.accept()
             except OSError:  # BlockingIOError: the backlog is empty
-                return
+                return tasks
             conn.setblocking(False)
-            loop.create_task(loop.connect_accepted_socket(self._new_protocol, conn))
+            tasks.append(loop.create_task(loop.connect_accepted_socket(self._new_protocol, conn)))
 
     def _new_protocol(self) -> asyncio.Protocol:
         return self.config.http_protocol_class(  # type: ignore[call-arg]

@@ -43,7 +43,8 @@ def test_v2_without_a_namespace_takes_the_tightest_limit_up_the_tree(tmp_path):
         f"{leaf}/memory.max": str(GIB), "/sys/fs/cgroup/system.slice/memory.max": str(512 * MIB),
         "/sys/fs/cgroup/memory.max": "max",
     })
-    assert container_memory_limit(root=root) == MemoryLimit(512 * MIB, "cgroup v2 /sys/fs/cgroup/system.slice/memory.max")
+    assert container_memory_limit(root=root) == MemoryLimit(
+        512 * MIB, "cgroup v2 /sys/fs/cgroup/system.slice/memory.max")
 
 
 def test_v2_unlimited_falls_back_to_the_setting_or_to_none(tmp_path):

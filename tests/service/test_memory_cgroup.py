@@ -31,7 +31,8 @@ V1_MEMORY = Path("/sys/fs/cgroup/memory")
 def memory_cgroup():
     """A fresh v1 memory cgroup limited to 2 GiB, removed after the test."""
     if os.geteuid() != 0 or not (V1_MEMORY / "cgroup.procs").is_file() or not os.access(V1_MEMORY, os.W_OK):
-        missing_tool("needs root and a writable cgroup v1 memory hierarchy at /sys/fs/cgroup/memory to make a 2 GiB cgroup")
+        missing_tool("needs root and a writable cgroup v1 memory hierarchy at /sys/fs/cgroup/memory to make a "
+                     "2 GiB cgroup")
     group = V1_MEMORY / f"onnx-serve-test-{os.getpid()}"
     try:
         group.mkdir()

@@ -95,8 +95,8 @@ def test_sigterm_during_a_burst_loses_no_request(tmp_path):
         burst, code, took = _burst(tmp_path, model, delay, body)
         lost += len(burst.lost)
         answered += len(burst.statuses)
-        report.append(f"run {run} delay {delay}s: {len(burst.statuses)} answered "
-                      f"{sorted(set(burst.statuses))}, {len(burst.lost)} lost, {len(burst.refused)} refused, exit {code} in {took:.2f}s")
+        report.append(f"run {run} delay {delay}s: {len(burst.statuses)} answered {sorted(set(burst.statuses))}, "
+                      f"{len(burst.lost)} lost, {len(burst.refused)} refused, exit {code} in {took:.2f}s")
         assert code == 0, report[-1]
         assert took < GRACEFUL_TIMEOUT, report[-1]
         assert set(burst.statuses) <= {200, 503}, report[-1]
@@ -113,7 +113,8 @@ def _answer(conn: socket.socket) -> tuple[int, bytes]:
             raise ConnectionError(f"closed without an answer after {data!r}")
         data += chunk
     head, _, rest = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.lower().split(b"\r\n") if line.startswith(b"content-length")))
+    lines = head.lower().split(b"\r\n")
+    length = int(next(line.split(b":")[1] for line in lines if line.startswith(b"content-length")))
     while len(rest) < length:
         rest += conn.recv(65536)
     return int(head.split(b" ", 2)[1]), head.lower()
