@@ -25,6 +25,7 @@ from starlette.requests import ClientDisconnect
 
 from service import logs, open_inference, openapi
 from service.auth import ApiKeys
+from service.memory import MemoryBudget, OverBudget, container_memory_limit, request_cost
 from service.metrics import Recorder
 from service.model_store import LoadState, ModelStore
 from service.payload import BadRequest, decode_inputs, encode_outputs, rejected_by_model
@@ -52,6 +53,17 @@ def create_app(settings: Settings) -> InferenceApp:
         log.info("batching %s", scheduler.policy.reason)
 
     store.after_load.append(("batching self-test", decide_batching))
+    budget = MemoryBudget(
+        container_memory_limit(settings.memory_limit_bytes), settings.web_concurrency, settings.memory_wait_seconds
+    )
+
+    def measure_memory() -> None:
+        budget.measure(decoders=settings.run_threads, largest_body=settings.max_body_bytes)
+        log.info("memory budget for requests in flight: %s", budget.as_json())
+        if metrics:
+            metrics.memory_measured(budget.limit.bytes, budget.total)
+
+    store.after_load.append(("measuring the memory budget", measure_memory))
     store.after_load.append(("freezing start-up objects", _freeze_heap))
 
     @contextlib.asynccontextmanager
@@ -67,11 +79,13 @@ def create_app(settings: Settings) -> InferenceApp:
     api = FastAPI(title="ONNX inference service", lifespan=lifespan, docs_url=None, redoc_url=None)
     api.state.store = store
     api.state.scheduler = scheduler
+    api.state.memory = budget
 
     @api.get("/health")
     async def health() -> JSONResponse:
         body = store.health()
         body["batching"] = scheduler.as_json()
+        body["memory"] = budget.as_json()
         return JSONResponse(body, status_code=200 if body["model_loaded"] else 503, headers={"Cache-Control": "no-store"})
 
     @api.get("/metadata")
@@ -82,8 +96,9 @@ def create_app(settings: Settings) -> InferenceApp:
         return JSONResponse({**store.metadata(), "batching": scheduler.policy.as_json()})
 
     open_inference.add_routes(api, store, settings)
-    native = Endpoint(store, scheduler, executor, settings.max_body_bytes, NativeProtocol(store))
-    v2 = Endpoint(store, scheduler, executor, settings.max_body_bytes, open_inference.InferProtocol(store, settings))
+    native = Endpoint(store, scheduler, executor, settings.max_body_bytes, NativeProtocol(store), budget, metrics)
+    v2 = Endpoint(store, scheduler, executor, settings.max_body_bytes, open_inference.InferProtocol(store, settings),
+                  budget, metrics)
     # Also routed in FastAPI, so that other methods get its 405 and "/predict/" its redirect.
     api.router.add_route("/predict", native, methods=["POST"])
     for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
@@ -172,12 +187,15 @@ INLINE_OUTPUT_BYTES = 64 * 1024
 
 
 class Endpoint:
-    """One inference route: refuse while not ready, read the body, decode it (the protocol's codec), run it
-    through the batching scheduler, encode the answer. Bad input is the protocol's 4xx, never a 500."""
+    """One inference route: refuse while not ready, admit the request against the memory budget, read the body,
+    decode it (the protocol's codec), run it through the batching scheduler, encode the answer. Bad input is the
+    protocol's 4xx, never a 500."""
 
-    def __init__(self, store: ModelStore, scheduler: Scheduler, executor: ThreadPoolExecutor, max_body_bytes: int, protocol: Any):
+    def __init__(self, store: ModelStore, scheduler: Scheduler, executor: ThreadPoolExecutor, max_body_bytes: int,
+                 protocol: Any, budget: MemoryBudget, metrics: Recorder | None = None):
         self.store, self.scheduler, self.executor = store, scheduler, executor
         self.max_body_bytes, self.protocol = max_body_bytes, protocol
+        self.budget, self.metrics = budget, metrics
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         await self.handle(scope, receive, send, dict(scope["headers"]))
@@ -191,8 +209,44 @@ class Endpoint:
             status, message = refused
             extra = [(b"retry-after", RETRY_AFTER_SECONDS.encode())] if status == 503 else []
             return await _send(send, *protocol.error(message, status), [JSON_CONTENT, *extra])
+        held = [0]  # bytes of the memory budget this request holds (service/memory.py)
         try:
+            return await self._answer(scope, receive, send, headers, held)
+        except OverBudget as exc:
+            return await self._refuse(exc, receive, send, body_read=not headers.get(b"content-length", b"").isdigit())
+        finally:
+            if held[0]:
+                self.budget.release(held[0])
+                if self.metrics is not None:
+                    self.metrics.memory(self.budget.limit.bytes, self.budget.total, self.budget.in_use)
+
+    async def _admit(self, body_bytes: int, held: list[int]) -> None:
+        cost = request_cost(body_bytes)
+        await self.budget.admit(cost)
+        held[0] += cost
+
+    async def _refuse(self, exc: OverBudget, receive: Any, send: Any, body_read: bool) -> tuple[int, int]:
+        """Answer a request the memory budget refused: its body read and dropped first (a connection closed on an
+        unread body is reset, and the client may never see the answer), then 503 with Retry-After, or 413."""
+        if not body_read:
+            with contextlib.suppress(ClientDisconnect):
+                await discard_body(receive)
+        if self.metrics is not None:
+            self.metrics.memory(self.budget.limit.bytes, self.budget.total, self.budget.in_use, refused=exc.status)
+        extra = [(b"retry-after", b"1")] if exc.status == 503 else []
+        return await _send(send, *self.protocol.error(str(exc), exc.status), [JSON_CONTENT, *extra])
+
+    async def _answer(
+        self, scope: dict, receive: Any, send: Any, headers: dict[bytes, bytes], held: list[int]
+    ) -> tuple[int, int]:
+        protocol = self.protocol
+        try:
+            declared = headers.get(b"content-length", b"")
+            if declared.isdigit() and int(declared) <= self.max_body_bytes:
+                await self._admit(int(declared), held)  # before a byte of the body is read
             body = await read_body(headers, receive, self.max_body_bytes)
+            if not declared.isdigit():
+                await self._admit(len(body), held)  # chunked: by the bytes read
             loop = asyncio.get_running_loop()
             if len(body) > INLINE_BODY_BYTES:
                 # The request's trace id rides along to log lines written in the pool.
@@ -270,6 +324,16 @@ async def read_body(headers: dict[bytes, bytes], receive: Any, limit: int) -> by
         chunks.append(chunk)
         more = message.get("more_body", False)
     return b"".join(chunks)
+
+
+async def discard_body(receive: Any) -> None:
+    """Read a request's body to its end, keeping none of it."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        if not message.get("more_body", False):
+            return
 
 
 def _exit_if_load_fails(store: ModelStore, settings: Settings) -> None:

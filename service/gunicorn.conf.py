@@ -10,6 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from service import logs, metrics  # noqa: E402
 from service.settings import SettingsError, load_settings  # noqa: E402
+from service.worker import DrainingServer  # noqa: E402
 
 try:
     _settings = load_settings()
@@ -19,8 +20,9 @@ except SettingsError as exc:
 
 # Cloud Run sends traffic to $PORT on 0.0.0.0; Fly sends it to internal_port (8080), and sets no PORT.
 bind = [f"{_settings.host}:{_settings.port}"]
-# uvicorn.workers is deprecated in favour of the uvicorn-worker package.
-worker_class = "uvicorn_worker.UvicornWorker"
+# uvicorn-worker's UvicornWorker (uvloop, httptools) with a shutdown that answers every request that reached it.
+worker_class = "service.worker.Worker"
+DrainingServer.request_window = _settings.shutdown_request_window  # read in the worker after fork
 # One worker per container by default: the platform scales out, and each worker holds a copy of the model.
 workers = _settings.web_concurrency
 # Sessions must be created after fork (onnxruntime thread pools do not survive it), so no preload.

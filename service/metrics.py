@@ -54,6 +54,14 @@ FAMILIES = (
     ("gauge", "model_load_seconds", "seconds the model load took (fetch, verify, open, warm up), slowest live worker",
      (), {"multiprocess_mode": "livemax"}),
     ("gauge", "model_bytes", "size of the served model file in bytes", (), {"multiprocess_mode": "livemax"}),
+    ("gauge", "memory_limit_bytes", "the container's memory limit the budget comes from (0: none found)", (),
+     {"multiprocess_mode": "livemax"}),
+    ("gauge", "memory_budget_bytes", "memory for requests in flight, summed over live workers", (),
+     {"multiprocess_mode": "livesum"}),
+    ("gauge", "memory_in_use_bytes", "memory the requests in flight hold of the budget, summed over live workers", (),
+     {"multiprocess_mode": "livesum"}),
+    ("counter", "memory_refused", "requests refused for want of memory: 503 (retry) or 413 (never fits)", ("status",),
+     {}),
     ("gauge", "model_info", "1 for the model the live workers serve: its name, storage generation and sha256",
      ("name", "generation", "sha256"), {"multiprocess_mode": "livemax"}),
 )  # fmt: skip
@@ -142,6 +150,8 @@ class Recorder:
         self.requests: list[tuple[str, int, float]] = []  # (path, status, seconds) since the last flush
         self.runs: list[tuple[int, int, float]] = []  # (rows, requests, seconds) of each model run since then
         self.depth: int | None = None  # the queue depth not yet written
+        self.memory_state: tuple[int, int, int] | None = None  # (limit, budget, in use) not yet written
+        self.memory_refusals: list[int] = []  # statuses of the requests refused for memory since the last flush
         self.flush_armed = False
         self.request_children: dict[tuple[str, int], Any] = {}
         self.request_seconds = _Histogram(self.families["request_duration_seconds"], LATENCY_BUCKETS)
@@ -166,6 +176,14 @@ class Recorder:
 
     def queue_depth(self, depth: int) -> None:
         self.depth = depth
+        if not self.flush_armed:
+            self._arm()
+
+    def memory(self, limit: int | None, budget: int | None, in_use: int, refused: int = 0) -> None:
+        """The memory budget's state (service/memory.py), and the status of a request it refused, if any."""
+        self.memory_state = (limit or 0, budget or 0, in_use)
+        if refused:
+            self.memory_refusals.append(refused)
         if not self.flush_armed:
             self._arm()
 
@@ -199,6 +217,21 @@ class Recorder:
             self.batch_requests.observe_all((), served)
         if depth is not None:
             self.families["queue_depth"].set(depth)
+        memory, self.memory_state = self.memory_state, None
+        refusals, self.memory_refusals = self.memory_refusals, []
+        if memory is not None:
+            for name, value in zip(("memory_limit_bytes", "memory_budget_bytes", "memory_in_use_bytes"), memory):
+                self.families[name].set(value)
+        for status in refusals:
+            self.families["memory_refused"].labels(str(status)).inc()
+
+    def memory_measured(self, limit: int | None, budget: int | None) -> None:
+        """The budget set once the model is loaded; called from the loading thread, like `model_loaded`."""
+        try:
+            self.families["memory_limit_bytes"].set(limit or 0)
+            self.families["memory_budget_bytes"].set(budget or 0)
+        except Exception as exc:
+            log.warning("could not record the memory budget in the metrics: %s", exc)
 
     def model_loaded(self, name: str, status: Any) -> None:
         """Record the loaded model (a `LoadStatus`); called once per load, from the loading thread. Never raises:

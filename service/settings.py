@@ -79,10 +79,21 @@ class Settings(BaseSettings):
     ort_allow_spinning: bool = Field(False, description="let onnxruntime threads spin between ops (burns idle CPU)")
     inference_threads: int = Field(0, ge=0, description="concurrent session.run calls per worker; 0: same as intra-op threads")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest accepted request body")
+    memory_limit_bytes: int = Field(
+        0, ge=0, description="the container's memory limit when its cgroup shows none (the lower one wins when both "
+        "are set); requests in flight are admitted against it (service/memory.py); 0: the cgroup's only"
+    )
+    memory_wait_seconds: float = Field(
+        2.0, ge=0, le=60, description="how long a request waits for room in the memory budget before its 503"
+    )
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info")
     worker_timeout: int = Field(300, ge=0, description="gunicorn heartbeat timeout; must outlast a large model load")
     graceful_timeout: int = Field(8, ge=1, description="seconds in-flight requests get after SIGTERM (Cloud Run: 10)")
     keepalive: int = Field(75, ge=0, description="idle keep-alive seconds (longer than the platform proxy's)")
+    shutdown_request_window: float = Field(
+        1.0, ge=0, le=30, description="after SIGTERM, seconds an open connection may still deliver a request, which is "
+        "answered (with Connection: close); idle connections close after it (service/worker.py)"
+    )
     google_cloud_project: str = Field("", description="project id for trace ids in logs")
 
     # --- serving: protocol names, adaptive batching (service/scheduler.py) ---
@@ -190,6 +201,15 @@ class Settings(BaseSettings):
     def _metrics_apart(cls, value: int, info: ValidationInfo) -> int:
         if value and value == info.data.get("port"):
             raise ValueError("METRICS_PORT must differ from PORT: metrics are never served on the public port (0: off)")
+        return value
+
+    @field_validator("shutdown_request_window")
+    @classmethod
+    def _window_within_grace(cls, value: float, info: ValidationInfo) -> float:
+        graceful = info.data.get("graceful_timeout")
+        if graceful is not None and value >= graceful:
+            raise ValueError(f"SHUTDOWN_REQUEST_WINDOW must be shorter than GRACEFUL_TIMEOUT ({graceful} s), which "
+                             "also has to cover answering the requests that arrive in it; e.g. 1")
         return value
 
     @field_validator("model_sha256")
