@@ -17,6 +17,7 @@ mode, so the master must set the directory first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -272,12 +273,27 @@ def prepare_directory() -> Path:
     return directory
 
 
+def written_files(directory: str | Path, pattern: str = "*.db") -> list[str]:
+    """The workers' metrics files that hold data. A worker creates its file empty and sizes it a moment later;
+    prometheus_client cannot read it in between (struct.error), so a scrape at that moment would fail."""
+    found = []
+    for path in Path(directory).glob(pattern):
+        with contextlib.suppress(OSError):  # removed since the glob: a dead worker's live gauge
+            if path.stat().st_size >= 8:  # the used-bytes header
+                found.append(str(path))
+    return found
+
+
 def serve(host: str, port: int) -> None:
     """Serve the workers' summed metrics on host:port from a thread of the master; a port in use stops start-up."""
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
+    class WrittenFilesCollector(multiprocess.MultiProcessCollector):
+        def collect(self):  # every worker's files on each scrape, but for one still being created
+            return self.merge(written_files(self._path), accumulate=True)
+
     registry = CollectorRegistry(support_collectors_without_names=True)
-    multiprocess.MultiProcessCollector(registry)  # reads every worker's files on each scrape
+    WrittenFilesCollector(registry)
     global _server
     try:
         _server, _ = start_http_server(port, addr=host, registry=registry)

@@ -72,9 +72,9 @@ def workers(service) -> list[int]:
 def per_worker(directory: Path, kind: str, sample: str) -> dict[int, float]:
     """{pid: the sum of `sample`'s values} in each worker's own file of `kind` (the files the master sums)."""
     found = {}
-    for path in directory.glob(f"{kind}_*.db"):
-        pid = int(path.stem.rsplit("_", 1)[1])
-        families = MultiProcessCollector.merge([str(path)])
+    for name in metrics.written_files(directory, f"{kind}_*.db"):
+        pid = int(Path(name).stem.rsplit("_", 1)[1])
+        families = MultiProcessCollector.merge([name])
         found[pid] = sum(s.value for f in families for s in f.samples if s.name == sample)
     return found
 
