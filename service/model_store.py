@@ -121,6 +121,13 @@ class LoadStatus:
     progress: Progress = field(default_factory=Progress)
     data_files: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # each finished step's time: download, verify, ...
+
+    def timed(self, step: str, since: float) -> float:
+        """Record `step` as having taken from `since` to now; returns now (the next step's start)."""
+        now = time.perf_counter()
+        self.seconds[step] = round(now - since, 3)
+        return now
 
 
 @dataclass(frozen=True)
@@ -184,14 +191,18 @@ class ModelStore:
         status = self.status
         log.info("loading model", extra={"model_uri": self.source.uri})
         try:
+            mark = time.perf_counter()
             fetched = self._fetch()
+            mark = status.timed("download", mark)  # with the sha256 and crc32c, computed as the bytes arrived
             status.generation = fetched.generation
             status.size_bytes = fetched.size_bytes + sum(f.size_bytes for f in fetched.data_files)
             status.step = "verifying sha256"
             status.sha256 = fetched.sha256 or file_sha256(fetched.path)
             status.data_files = [f.as_json() for f in verify_sha256(self.settings, fetched, status.sha256)]
+            mark = status.timed("verify", mark)
             status.step = "opening session"
             session = open_session(fetched.path, self.settings, external_data=bool(fetched.data_files))
+            mark = status.timed("session", mark)
             self.inputs = tuple(_spec(arg) for arg in session.get_inputs())
             self.outputs = tuple(_spec(arg) for arg in session.get_outputs())
             for spec in self.inputs:
@@ -202,6 +213,7 @@ class ModelStore:
                     )
             status.step = "warming up"
             warning, self.example = warm_up(session, self.inputs, self.settings)
+            mark = status.timed("warm_up", mark)
             if warning:
                 status.warnings.append(warning)
                 log.warning(warning, extra={"model_uri": self.source.uri})
@@ -209,6 +221,7 @@ class ModelStore:
             for step, hook in self.after_load:
                 status.step = step
                 hook()
+                mark = status.timed(step, mark)
         except Exception as exc:  # every failure becomes a reason on /health, never a crash of the worker
             reason = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
             status.error = reason
@@ -257,6 +270,7 @@ class ModelStore:
                 "data_files": s.data_files,
             },
             "load_seconds": round(end - s.started_at, 3),
+            "load_steps": dict(s.seconds),
             "error": s.error,
             "warnings": list(s.warnings),
         }
