@@ -25,7 +25,7 @@ from starlette.requests import ClientDisconnect
 
 from service import logs, open_inference, openapi
 from service.metrics import Recorder
-from service.model_store import LoadState, ModelStore
+from service.model_store import LoadState, ModelStore, take_early_store
 from service.payload import BadRequest, decode_inputs, encode_outputs, rejected_by_model
 from service.scheduler import BatchPolicy, ModelRejected, Scheduler, batch_safety
 from service.settings import Settings, SettingsError, load_settings
@@ -38,7 +38,7 @@ RETRY_AFTER_SECONDS = "5"
 
 
 def create_app(settings: Settings) -> InferenceApp:
-    store = ModelStore(settings)
+    store = take_early_store(settings) or ModelStore(settings)  # its download may have begun at fork
     executor = ThreadPoolExecutor(max_workers=settings.run_threads, thread_name_prefix="inference")
     metrics = Recorder(settings.metrics_flush_seconds) if settings.metrics_port else None
     scheduler = Scheduler(store.run, executor, BatchPolicy(False, "the model is not loaded yet"), observer=metrics)

@@ -44,6 +44,17 @@ accesslog = None
 loglevel = _settings.log_level
 
 
+def post_fork(server, worker):
+    if _settings.metrics_port:
+        metrics.close_in_worker()
+    # In the worker, before it imports the app: the model's files arrive while the web framework imports (about
+    # a second of CPU), not after it. Imported here, not in the master, so none of it (numpy's threads) is forked.
+    if getattr(server.app, "app_uri", None) == "service.app:app":  # not the bench's floor and peer apps
+        from service.model_store import begin_in_worker
+
+        begin_in_worker(_settings)
+
+
 def post_worker_init(worker):
     logs.JsonFormatter.project = _settings.google_cloud_project
 
@@ -56,9 +67,6 @@ if _settings.metrics_port:
 
     def when_ready(server):
         metrics.serve(_settings.host, _settings.metrics_port)
-
-    def post_fork(server, worker):
-        metrics.close_in_worker()
 
     def child_exit(server, worker):
         metrics.worker_died(worker.pid)

@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -166,6 +166,7 @@ class ModelStore:
         # Steps others add to the load, run after the warm-up and before the model is reported ready (the
         # batching self-test): (step name shown on /health, callable). They must not raise.
         self.after_load: list[tuple[str, Callable[[], None]]] = []
+        self._fetching: tuple[float, Future] | None = None  # a download begun early (fetch_early): start, result
 
     @property
     def ready(self) -> bool:
@@ -181,6 +182,20 @@ class ModelStore:
             return f"the model failed to load and will not be served: {status.error}"
         return f"the model is still loading ({status.step}); retry shortly"
 
+    def fetch_early(self) -> None:
+        """Begin the download now, on a thread of its own; load() takes its result. The worker calls this as soon as
+        it is forked (service/gunicorn.conf.py), so the files arrive while it still imports the web framework."""
+        started, future = time.perf_counter(), Future()
+
+        def fetch() -> None:
+            try:
+                future.set_result(self._fetch())
+            except BaseException as exc:  # handed to load(), which reports it
+                future.set_exception(exc)
+
+        self._fetching = (started, future)
+        threading.Thread(target=fetch, name="model-fetch", daemon=True).start()
+
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.load, name="model-load", daemon=True)
         thread.start()
@@ -191,8 +206,12 @@ class ModelStore:
         status = self.status
         log.info("loading model", extra={"model_uri": self.source.uri})
         try:
-            mark = time.perf_counter()
-            fetched = self._fetch()
+            if self._fetching:
+                mark, future = self._fetching
+                fetched = future.result()
+            else:
+                mark = time.perf_counter()
+                fetched = self._fetch()
             mark = status.timed("download", mark)  # with the sha256 and crc32c, computed as the bytes arrived
             status.generation = fetched.generation
             status.size_bytes = fetched.size_bytes + sum(f.size_bytes for f in fetched.data_files)
@@ -281,6 +300,24 @@ class ModelStore:
             "inputs": [spec.as_json() for spec in self.inputs],
             "outputs": [spec.as_json() for spec in self.outputs],
         }
+
+
+# The store of this worker when its download began before the app was built (begin_in_worker); create_app takes it.
+_early: ModelStore | None = None
+
+
+def begin_in_worker(settings: Settings) -> None:
+    """In a freshly forked worker, before the app is imported: make its store and begin the download."""
+    global _early
+    _early = ModelStore(settings)
+    _early.fetch_early()
+
+
+def take_early_store(settings: Settings) -> ModelStore | None:
+    """The store begin_in_worker made for these settings, once; None when there is none."""
+    global _early
+    store, _early = _early, None
+    return store if store is not None and store.settings == settings else None
 
 
 def _spec(arg: Any) -> TensorSpec:
