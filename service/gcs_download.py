@@ -31,6 +31,7 @@ log = logging.getLogger("service.model")
 MIN_SLICE_BYTES = 8 * 1024 * 1024
 MAX_SLICE_BYTES = 64 * 1024 * 1024
 SLICES_PER_READER = 4
+TAIL_DIVISOR = 4
 WRITE_BYTES = 1024 * 1024  # a slice's bytes are written (and counted) in pieces of this size
 HASH_BYTES = 4 * 1024 * 1024
 
@@ -63,7 +64,12 @@ class SlicePlan:
         step = self.slice_bytes or min(MAX_SLICE_BYTES, max(MIN_SLICE_BYTES, size // (self.concurrency * SLICES_PER_READER)))
         if self.concurrency <= 1 or size <= step:
             return [(0, size)]
-        return [(start, min(start + step, size)) for start in range(0, size, step)]
+        # In a large file the last slices, the ones in flight when the last byte lands, are a quarter of the size:
+        # less is left to hash then, for one more first-byte wait per reader.
+        tail_start = size - self.concurrency * step if size > 2 * self.concurrency * step else size
+        tail_step = max(step // TAIL_DIVISOR, min(step, 1024 * 1024))
+        bounds = [*range(0, tail_start, step), *range(tail_start, size, tail_step), size]
+        return list(zip(bounds, bounds[1:]))
 
 
 def fetch_object(blob: Any, path: Path, progress: Any, name: str, retry: Any, pool: Executor, plan: SlicePlan) -> str:
