@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.model_store import LoadState, ModelStore
-from service.settings import load_settings
+from service.settings import SettingsError, load_settings
 from tests.support.models import large_model, linear_model, reference_outputs
 from tests.support.processes import wait_for
 from tests.support.storage_throttle import throttled_storage
@@ -73,6 +73,7 @@ def test_a_large_model_arrives_as_concurrent_ranged_reads_byte_exact(storage, mo
     health = store.health()
     assert health["model"]["sha256"] == digest
     assert health["progress"] == {"bytes_done": size, "bytes_total": size, "files": 1, "files_done": 1}
+    assert {"download", "verify", "session", "warm_up"} <= set(health["load_steps"])
     rows = np.ones((2, 64), np.float32)
     np.testing.assert_allclose(store.run({"features": rows})[0], reference_outputs(model, {"features": rows})[0], rtol=1e-5)
 
@@ -184,3 +185,8 @@ def test_a_small_model_keeps_the_single_request(storage, tmp_path):
     upload(storage, "small/model.onnx", small)
     store = load(f"gs://{BUCKET}/small/model.onnx", tmp_path, MODEL_DOWNLOAD_SLICE_BYTES="0")
     assert store.ready and storage.ranged_reads == 0 and storage.media_reads == 1
+
+
+def test_a_bad_download_setting_stops_start_up_naming_it():
+    with pytest.raises(SettingsError, match=r"MODEL_DOWNLOAD_CONCURRENCY: Input should be greater than or equal to 1"):
+        load_settings({"MODEL_URI": "gs://models/m.onnx", "MODEL_DOWNLOAD_CONCURRENCY": "0"})
