@@ -60,10 +60,6 @@ class StorageThrottle:
     def host(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    @property
-    def env(self) -> dict[str, str]:
-        return {"STORAGE_EMULATOR_HOST": self.host}
-
     # ---- HTTP ----
     async def stop(self) -> None:
         self.server.close()
