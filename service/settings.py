@@ -91,6 +91,13 @@ class Settings(BaseSettings):
         "one request)"
     )
 
+    @field_validator("model_download_slice_bytes")
+    @classmethod
+    def _slice_size(cls, value: int) -> int:
+        if 0 < value < 64 * 1024:
+            raise ValueError("MODEL_DOWNLOAD_SLICE_BYTES must be 0 (chosen by size) or at least 65536 (64 KiB)")
+        return value
+
     # --- serving: protocol names, adaptive batching (service/scheduler.py) ---
     model_name: str = Field("", description="the model's name in the V2 protocol; default: MODEL_URI's file stem")
     batching: Literal["auto", "on", "off"] = Field(

@@ -190,3 +190,5 @@ def test_a_small_model_keeps_the_single_request(storage, tmp_path):
 def test_a_bad_download_setting_stops_start_up_naming_it():
     with pytest.raises(SettingsError, match=r"MODEL_DOWNLOAD_CONCURRENCY: Input should be greater than or equal to 1"):
         load_settings({"MODEL_URI": "gs://models/m.onnx", "MODEL_DOWNLOAD_CONCURRENCY": "0"})
+    with pytest.raises(SettingsError, match=r"MODEL_DOWNLOAD_SLICE_BYTES must be 0 \(chosen by size\) or at least 65536"):
+        load_settings({"MODEL_URI": "gs://models/m.onnx", "MODEL_DOWNLOAD_SLICE_BYTES": "1000"})
