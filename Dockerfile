@@ -11,8 +11,15 @@ FROM ${BASE_IMAGE} AS builder
 # Unset unless given, so the base image's own pip configuration (PyPI by default) applies.
 ARG PIP_INDEX_URL
 COPY requirements.txt /tmp/requirements.txt
+# Then what the service never imports goes (27 MB of the 219 MB installed): numpy's test suites and f2py,
+# onnxruntime's model conversion, quantization and transformer-optimization tools.
 RUN pip install --prefix=/install --no-cache-dir --no-warn-script-location --only-binary=:all: \
-        -r /tmp/requirements.txt
+        -r /tmp/requirements.txt \
+    && find /install -depth -type d \( -path '*/site-packages/numpy/tests' -o -path '*/site-packages/numpy/*/tests' \
+        -o -path '*/site-packages/numpy/f2py' -o -path '*/site-packages/onnxruntime/transformers' \
+        -o -path '*/site-packages/onnxruntime/tools' -o -path '*/site-packages/onnxruntime/quantization' \
+        -o -path '*/site-packages/onnxruntime/datasets' -o -path '*/site-packages/onnxruntime/backend' \) \
+        -exec rm -rf {} +
 
 FROM ${BASE_IMAGE}
 # Log lines reach Cloud Logging / `fly logs` as they are written; the root filesystem may be read-only,

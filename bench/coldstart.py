@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import servers
@@ -20,6 +20,7 @@ class ServiceStart:
     first_answer: float  # seconds from process start to the first /health answered, in any state
     ready: float  # seconds from process start to /health = 200 with model_loaded true
     peak_rss: int  # the worker's VmHWM after loading and answering `requests` predictions
+    steps: dict[str, float] = field(default_factory=dict)  # /health's load_steps: download, verify, session, ...
 
 
 def service_start(model_uri: str, env: dict[str, str], log_dir: Path, body: bytes, requests: int) -> ServiceStart:
@@ -36,7 +37,7 @@ def service_start(model_uri: str, env: dict[str, str], log_dir: Path, body: byte
                     first_answer = first_answer or now
                     status, health = answer
                     if status == 200 and health["model_loaded"]:
-                        ready = now
+                        ready, steps = now, health.get("load_steps", {})
                     elif health["status"] == "failed":
                         raise RuntimeError(f"the model failed to load: {health['error']}")
                 server.alive()
@@ -47,7 +48,7 @@ def service_start(model_uri: str, env: dict[str, str], log_dir: Path, body: byte
                 status, answer = servers.request(server.port, "POST", "/predict", body)
                 if status != 200:
                     raise RuntimeError(f"/predict answered {status}: {answer[:300]!r}")
-            return ServiceStart(first_answer, ready, servers.peak_rss_bytes(server.worker_pid()))
+            return ServiceStart(first_answer, ready, servers.peak_rss_bytes(server.worker_pid()), steps)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import onnxruntime
 
-from bench import coldstart, external_memory, image, large_request, throughput, venvs
+from bench import coldstart, external_memory, image, large_request, network_start, throughput, venvs
 from bench.loadgen import DESCRIPTION as LOADGEN
 from bench.report import Figure, LoadRow, floors, side_by_side, table, write_json
 from bench.servers import FLOOR_APP, SEED_FASTAPI_APP, SERVICE_APP, gunicorn, litserve
@@ -48,10 +48,12 @@ class Plan:
     load_reps: int  # load runs per concurrency, per server
     large_reps: int  # timed large requests, service and floor alike
     serve_requests: int  # predictions served after loading, before reading the worker's peak RSS
+    network_reps: int  # cold starts through the bandwidth-capping stand-in, of each model and each way
 
 
-FULL = Plan(start_reps=5, load_seconds=5, load_warmup=1, load_reps=3, large_reps=20, serve_requests=5)
-QUICK = Plan(start_reps=1, load_seconds=1.5, load_warmup=0.5, load_reps=1, large_reps=3, serve_requests=2)
+FULL = Plan(start_reps=5, load_seconds=5, load_warmup=1, load_reps=3, large_reps=20, serve_requests=5, network_reps=3)
+QUICK = Plan(start_reps=1, load_seconds=1.5, load_warmup=0.5, load_reps=1, large_reps=3, serve_requests=2,
+             network_reps=1)
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,8 @@ def run(quick: bool, out: Path = RESULTS, progress: Callable[[str], None] = prin
     rows, runtimes = load_rows([DEMO, mlp()], litserve_python, logs, plan, progress)
     figures += large_request_figures(logs, plan, progress)
     figures += external_memory.figures(WORK, logs, 256 if quick else 1024, plan.serve_requests, progress)
+    network_figures, network_table = network_start.figures(WORK, logs, 64 if quick else 1024, plan.network_reps, progress)
+    figures += network_figures
     figures += image_figures()
     host["load_average_after"] = os.getloadavg()
     context.update(runtimes=runtimes, litserve={
@@ -122,7 +126,8 @@ def run(quick: bool, out: Path = RESULTS, progress: Callable[[str], None] = prin
     progress(
         "\n" + table(figures) + "\n\nFloors:\n" + floors(figures) + "\n\nThroughput and latency of POST /predict, "
         "side by side (one worker each, one row per request):\n\n" + side_by_side(rows) + "\n\n"
-        + load_notes(rows, runtimes) + "\n" + repetitions(plan)
+        + load_notes(rows, runtimes) + "\n\nCold start at the network's speed (issue 17):\n\n" + network_table + "\n\n"
+        + repetitions(plan)
         + f"\nLoad average before {host['load_average_before'][0]:.2f}, after {host['load_average_after'][0]:.2f} "
         "(1 min)."
     )  # fmt: skip

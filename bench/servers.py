@@ -107,11 +107,12 @@ def _started(command: list[str], port: int, log_path: Path, env: dict[str, str])
         stop(process)
 
 
-def floor_start_seconds(model_uri: str, directory: Path, env: dict[str, str]) -> float:
-    """Seconds from starting bench/floor_start.py to its "ready": fetch the model and open a session, bare."""
+def floor_start_seconds(model_uri: str, directory: Path, env: dict[str, str], readers: int = 1) -> float:
+    """Seconds from starting bench/floor_start.py to its "ready": fetch the model (one stream, or every file of
+    its folder with `readers` concurrent ranged reads) and open a session, bare."""
     started = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "floor_start.py"), model_uri, str(directory)],
+        [sys.executable, str(ROOT / "bench" / "floor_start.py"), model_uri, str(directory), str(readers)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     try:

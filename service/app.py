@@ -27,7 +27,7 @@ from service import logs, open_inference, openapi
 from service.auth import ApiKeys
 from service.memory import MemoryBudget, OverBudget, container_memory_limit, request_cost
 from service.metrics import Recorder
-from service.model_store import LoadState, ModelStore
+from service.model_store import LoadState, ModelStore, take_early_store
 from service.payload import BadRequest, decode_inputs, encode_outputs, rejected_by_model
 from service.scheduler import BatchPolicy, ModelRejected, Scheduler, batch_safety
 from service.settings import Settings, SettingsError, load_settings
@@ -37,20 +37,32 @@ log = logging.getLogger("service.app")
 # gunicorn's "Worker failed to boot" code: the master stops instead of forking the same failure forever.
 WORKER_BOOT_ERROR = 3
 RETRY_AFTER_SECONDS = "5"
+# A warm-up run slower than this moves the batching self-test after the model is reported ready.
+BACKGROUND_SELF_TEST_SECONDS = 0.05
 
 
 def create_app(settings: Settings) -> InferenceApp:
-    store = ModelStore(settings)
+    store = take_early_store(settings) or ModelStore(settings)  # its download may have begun at fork
     executor = ThreadPoolExecutor(max_workers=settings.run_threads, thread_name_prefix="inference")
     metrics = Recorder(settings.metrics_flush_seconds) if settings.metrics_port else None
     scheduler = Scheduler(store.run, executor, BatchPolicy(False, "the model is not loaded yet"), observer=metrics)
 
-    def decide_batching() -> None:
+    def self_test() -> None:
         scheduler.policy = batch_safety(
             store.run, store.inputs, store.outputs, settings.batching, settings.max_batch_rows,
             settings.max_batch_delay_ms / 1000, example=store.example,
         )  # fmt: skip
         log.info("batching %s", scheduler.policy.reason)
+
+    def decide_batching() -> None:
+        # A model whose warm-up run was slow would keep its first request waiting for three more runs (a 1 GB
+        # model: over a second): it is served at once, unbatched, while its self-test runs beside the requests.
+        if settings.batching != "off" and store.status.seconds.get("warm_up", 0.0) > BACKGROUND_SELF_TEST_SECONDS:
+            scheduler.policy = BatchPolicy(False, "off until the batching self-test, running since the model "
+                                           "became ready, passes")  # fmt: skip
+            threading.Thread(target=self_test, name="batching-self-test", daemon=True).start()
+        else:
+            self_test()
 
     store.after_load.append(("batching self-test", decide_batching))
     budget = MemoryBudget(

@@ -9,19 +9,19 @@ import dataclasses
 import enum
 import fcntl
 import hashlib
-import io
 import json
 import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
+from service.gcs_download import GenerationChanged, SlicePlan, fetch_object
 from service.onnx_file import external_data_locations, with_weights_by_reference
 from service.payload import BadRequest, decode_inputs
 from service.settings import ModelSource, Settings, parse_model_uri
@@ -84,6 +84,13 @@ class LoadStatus:
     progress: Progress = field(default_factory=Progress)
     data_files: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # each finished step's time: download, verify, ...
+
+    def timed(self, step: str, since: float) -> float:
+        """Record `step` as having taken from `since` to now; returns now (the next step's start)."""
+        now = time.perf_counter()
+        self.seconds[step] = round(now - since, 3)
+        return now
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,7 @@ class ModelStore:
         # Steps others add to the load, run after the warm-up and before the model is reported ready (the
         # batching self-test): (step name shown on /health, callable). They must not raise.
         self.after_load: list[tuple[str, Callable[[], None]]] = []
+        self._fetching: tuple[float, Future] | None = None  # a download begun early (fetch_early): start, result
 
     @property
     def ready(self) -> bool:
@@ -137,6 +145,20 @@ class ModelStore:
             return f"the model failed to load and will not be served: {status.error}"
         return f"the model is still loading ({status.step}); retry shortly"
 
+    def fetch_early(self) -> None:
+        """Begin the download now, on a thread of its own; load() takes its result. The worker calls this as soon as
+        it is forked (service/gunicorn.conf.py), so the files arrive while it still imports the web framework."""
+        started, future = time.perf_counter(), Future()
+
+        def fetch() -> None:
+            try:
+                future.set_result(self._fetch())
+            except BaseException as exc:  # handed to load(), which reports it
+                future.set_exception(exc)
+
+        self._fetching = (started, future)
+        threading.Thread(target=fetch, name="model-fetch", daemon=True).start()
+
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self.load, name="model-load", daemon=True)
         thread.start()
@@ -147,14 +169,22 @@ class ModelStore:
         status = self.status
         log.info("loading model", extra={"model_uri": self.source.uri})
         try:
-            fetched = self._fetch()
+            if self._fetching:
+                mark, future = self._fetching
+                fetched = future.result()
+            else:
+                mark = time.perf_counter()
+                fetched = self._fetch()
+            mark = status.timed("download", mark)  # with the sha256 and crc32c, computed as the bytes arrived
             status.generation = fetched.generation
             status.size_bytes = fetched.size_bytes + sum(f.size_bytes for f in fetched.data_files)
             status.step = "verifying sha256"
             status.sha256 = fetched.sha256 or file_sha256(fetched.path)
             status.data_files = [f.as_json() for f in verify_sha256(self.settings, fetched, status.sha256)]
+            mark = status.timed("verify", mark)
             status.step = "opening session"
             session = open_session(fetched.path, self.settings, external_data=bool(fetched.data_files))
+            mark = status.timed("session", mark)
             self.inputs = tuple(TensorSpec.of(arg) for arg in session.get_inputs())
             self.outputs = tuple(TensorSpec.of(arg) for arg in session.get_outputs())
             for spec in self.inputs:
@@ -165,6 +195,7 @@ class ModelStore:
                     )
             status.step = "warming up"
             warning, self.example = warm_up(session, self.inputs, self.settings)
+            mark = status.timed("warm_up", mark)
             if warning:
                 status.warnings.append(warning)
                 log.warning(warning, extra={"model_uri": self.source.uri})
@@ -172,6 +203,7 @@ class ModelStore:
             for step, hook in self.after_load:
                 status.step = step
                 hook()
+                mark = status.timed(step, mark)
         except Exception as exc:  # every failure becomes a reason on /health, never a crash of the worker
             reason = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
             status.error = reason
@@ -198,7 +230,7 @@ class ModelStore:
                 raise ModelLoadError(f"model file {path} does not exist: check MODEL_URI")
             return local_model(path, self.status.progress)
         self.status.step = "downloading"
-        return download_from_gcs(self.source, self.settings.model_cache_dir, self.settings.model_load_deadline, self.status)
+        return download_from_gcs(self.source, self.settings, self.status)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[Any]:
         assert self.session is not None, "run() before the model is ready"
@@ -220,6 +252,7 @@ class ModelStore:
                 "data_files": s.data_files,
             },
             "load_seconds": round(end - s.started_at, 3),
+            "load_steps": dict(s.seconds),
             "error": s.error,
             "warnings": list(s.warnings),
         }
@@ -230,6 +263,24 @@ class ModelStore:
             "inputs": [spec.as_json() for spec in self.inputs],
             "outputs": [spec.as_json() for spec in self.outputs],
         }
+
+
+# The store of this worker when its download began before the app was built (begin_in_worker); create_app takes it.
+_early: ModelStore | None = None
+
+
+def begin_in_worker(settings: Settings) -> None:
+    """In a freshly forked worker, before the app is imported: make its store and begin the download."""
+    global _early
+    _early = ModelStore(settings)
+    _early.fetch_early()
+
+
+def take_early_store(settings: Settings) -> ModelStore | None:
+    """The store begin_in_worker made for these settings, once; None when there is none."""
+    global _early
+    store, _early = _early, None
+    return store if store is not None and store.settings == settings else None
 
 
 def file_sha256(path: Path) -> str:
@@ -317,14 +368,39 @@ def storage_client():
     return credentials.storage_client()
 
 
-def download_from_gcs(source: ModelSource, cache_dir: Path, deadline: float, status: LoadStatus) -> FetchedModel:
+def download_from_gcs(source: ModelSource, settings: Settings, status: LoadStatus) -> FetchedModel:
     """Download the model object and the external data files it names, beside it in the cache.
 
     Each file is read at the generation its metadata showed (a concurrent overwrite cannot mix two objects),
-    crc32c verified and its transient errors retried until `deadline`; data files download in parallel.
-    Workers of one container share the download through a lock on the model's cache folder, so N workers
-    fetch once.
+    large ones as ranged reads several at a time (service/gcs_download.py), crc32c verified and its transient
+    errors retried until MODEL_LOAD_DEADLINE; data files download in parallel. An object replaced during the
+    download starts it again on the new generation, unless MODEL_URI pins one. Workers of one container share
+    the download through a lock on the model's cache folder, so N workers fetch once.
     """
+    plan = SlicePlan(settings.model_download_concurrency, settings.model_download_slice_bytes)
+    with ThreadPoolExecutor(max_workers=plan.concurrency, thread_name_prefix="ranged-read") as pool:
+        for attempt in range(1, RESTARTS_ON_CHANGE + 1):
+            try:
+                return _download_generation(source, settings.model_cache_dir, settings.model_load_deadline, status,
+                                            pool, plan)  # fmt: skip
+            except GenerationChanged as exc:
+                if source.generation or attempt == RESTARTS_ON_CHANGE:
+                    raise ModelLoadError(
+                        f"{exc}: MODEL_URI {source.uri} changed while it downloaded; "
+                        + ("pin a generation that stays (MODEL_URI#GENERATION in a bucket with object versioning)"
+                           if source.generation else "upload the model once and restart the service")
+                    ) from None
+                log.warning("%s; downloading the new generation", exc, extra={"model_uri": source.uri})
+    raise AssertionError("unreachable")
+
+
+# An object replaced during the download is fetched again, at its new generation, at most this often in all.
+RESTARTS_ON_CHANGE = 3
+
+
+def _download_generation(
+    source: ModelSource, cache_dir: Path, deadline: float, status: LoadStatus, pool: Executor, plan: SlicePlan
+) -> FetchedModel:
     retry = _retry(deadline, status)
     where = f"gs://{source.bucket}/{source.name}" + (f"#{source.generation}" if source.generation else "")
     with storage_errors(where, source.bucket, deadline):
@@ -345,7 +421,7 @@ def download_from_gcs(source: ModelSource, cache_dir: Path, deadline: float, sta
         folder.mkdir(parents=True, exist_ok=True)
         name = PurePosixPath(source.name).name
         with _locked(folder.with_suffix(".lock")):
-            cache = _CacheRecord(folder)
+            cache = _CacheRecord(folder, pool, plan)
             try:
                 model = cache.fetch(blob, name, status.progress, retry)
                 blobs = _data_file_blobs(bucket, source, data_file_names(model.path, where), retry, status.progress)
@@ -357,8 +433,8 @@ def download_from_gcs(source: ModelSource, cache_dir: Path, deadline: float, sta
                     with storage_errors(f"gs://{source.bucket}/{data_blob.name}", source.bucket, deadline):
                         return cache.fetch(data_blob, data_name, status.progress, retry)
 
-                with ThreadPoolExecutor(max_workers=min(8, len(blobs) or 1), thread_name_prefix="download") as pool:
-                    data = tuple(pool.map(fetch_data, blobs))
+                with ThreadPoolExecutor(max_workers=min(8, len(blobs) or 1), thread_name_prefix="download") as files:
+                    data = tuple(files.map(fetch_data, blobs))
             finally:
                 cache.save()
         return FetchedModel(model.path, model.generation, model.size_bytes, model.sha256, data)
@@ -424,7 +500,7 @@ def storage_errors(where: str, bucket: str | None, deadline: float) -> Iterator[
             f"Cloud Storage not reachable for {deadline:.0f}s (MODEL_LOAD_DEADLINE) while fetching {where}: "
             f"{exc.cause}"
         ) from None
-    except ModelLoadError:
+    except (ModelLoadError, GenerationChanged):
         raise
     except Exception as exc:
         # A DataCorruption (checksum) or a transport error that outlived the retries.
@@ -435,8 +511,9 @@ class _CacheRecord:
     """The files of one model generation in the cache folder, and beside it (FOLDER.json) the generation, size and
     sha256 each was fetched at: a data file overwritten in the bucket is fetched again, a cached one not re-hashed."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, pool: Executor, plan: SlicePlan):
         self.folder, self.path = folder, folder.with_suffix(".json")
+        self.pool, self.plan = pool, plan  # where and how large objects are read as ranged reads
         try:
             self.files: dict[str, dict[str, Any]] = json.loads(self.path.read_text())
         except (OSError, ValueError):
@@ -454,44 +531,15 @@ class _CacheRecord:
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f"{target.name}.part-{os.getpid()}")
         try:
-            with partial.open("wb") as file:
-                writer = _HashingWriter(file, progress, name)
-                # Pinning the generation read above means a concurrent overwrite cannot mix two objects.
-                blob.download_to_file(
-                    writer, checksum="crc32c", retry=retry, timeout=(10, 120), if_generation_match=generation
-                )
+            sha256 = fetch_object(blob, partial, progress, name, retry, self.pool, self.plan)
             partial.rename(target)
         finally:
             partial.unlink(missing_ok=True)
-        sha256 = writer.digest.hexdigest()
         self.files[name] = {"generation": generation, "size": size, "sha256": sha256}
         return FetchedFile(name, target, size, generation, sha256)
 
     def save(self) -> None:
         self.path.write_text(json.dumps(self.files))
-
-
-class _HashingWriter:
-    """The download's file, hashing what is written to it and counting it for /health: the sha256 comes with the
-    download, not a second read."""
-
-    def __init__(self, file: BinaryIO, progress: Progress, name: str):
-        self.file, self.digest = file, hashlib.sha256()
-        self.progress, self.name = progress, name
-
-    def write(self, data: bytes) -> int:
-        self.digest.update(data)
-        self.progress.done[self.name] += len(data)
-        return self.file.write(data)
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        # The client rewinds only to write a transcoded object again from its start.
-        if (offset, whence) != (0, os.SEEK_SET):
-            raise io.UnsupportedOperation(f"seek({offset}, {whence}) while hashing a download")
-        self.digest = hashlib.sha256()
-        self.progress.done[self.name] = 0
-        self.file.truncate(0)
-        return self.file.seek(0)
 
 
 class _locked:

@@ -491,6 +491,8 @@ COMPONENTS: dict[str, Schema] = {
                 "size_bytes": {"type": ["integer", "null"]},
             }},  # fmt: skip
             "load_seconds": {"type": "number"},
+            "load_steps": {"type": "object", "additionalProperties": {"type": "number"},
+                           "description": "seconds of each finished step: download, verify, session, warm_up, ..."},
             "error": {**_NULLABLE_STRING, "description": "why the load failed"},
             "batching": _ref("Batching"),
         },

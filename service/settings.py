@@ -96,6 +96,22 @@ class Settings(BaseSettings):
     )
     google_cloud_project: str = Field("", description="project id for trace ids in logs")
 
+    # --- cold start (issue 17): large objects as ranged reads, several at a time (service/gcs_download.py) ---
+    model_download_concurrency: int = Field(
+        8, ge=1, le=32, description="ranged reads of the model's files at a time; 1: one stream per file"
+    )
+    model_download_slice_bytes: int = Field(
+        0, ge=0, description="bytes per ranged read; 0: by object size, 8-64 MiB (a file of one slice or less is "
+        "one request)"
+    )
+
+    @field_validator("model_download_slice_bytes")
+    @classmethod
+    def _slice_size(cls, value: int) -> int:
+        if 0 < value < 64 * 1024:
+            raise ValueError("MODEL_DOWNLOAD_SLICE_BYTES must be 0 (chosen by size) or at least 65536 (64 KiB)")
+        return value
+
     # --- serving: protocol names, adaptive batching (service/scheduler.py) ---
     model_name: str = Field("", description="the model's name in the V2 protocol; default: MODEL_URI's file stem")
     batching: Literal["auto", "on", "off"] = Field(

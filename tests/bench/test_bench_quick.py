@@ -20,6 +20,7 @@ FIGURES = {
     "large_request_10k",
     "large_request_10k_v2_json",
     "large_request_10k_v2_binary",
+    *(f"network_ready_{model}{way}" for model in ("64mb", "64mb_external") for way in ("", "_one_stream")),
     "image_bytes",
     "image_over_base_bytes",
 }

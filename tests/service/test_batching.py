@@ -17,6 +17,7 @@ from service.settings import SettingsError, load_settings
 from tests.support.models import (
     batch_mixing_model, busy_model, image_model, linear_model, lookup_model, reference_outputs, two_input_model,
 )  # fmt: skip
+from tests.support.processes import wait_for
 from tests.support.server import run_service
 
 
@@ -180,3 +181,33 @@ def test_batching_off_still_answers_concurrent_clients(tmp_path):
         responses = post_concurrently(service, bodies)
     assert health["enabled"] is False and "BATCHING=off" in health["reason"]
     assert_each_answer_is_its_own(model, "linear", bodies, responses)
+
+
+def test_a_slow_model_is_ready_before_its_batching_self_test_ends(demo_model, monkeypatch):
+    """A model whose warm-up run is slow (a large one) answers at once, unbatched, while its self-test runs beside
+    the requests; batching turns on when the self-test passes."""
+    import service.app
+    from tests.service.test_app import client_for
+
+    release = threading.Event()
+    real = service.app.batch_safety
+
+    def held_self_test(*args, **kwargs):
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service.app, "BACKGROUND_SELF_TEST_SECONDS", -1.0)  # every warm-up counts as slow
+    monkeypatch.setattr(service.app, "batch_safety", held_self_test)
+    client = client_for(demo_model)
+    try:
+        health = client.get("/health")
+        assert health.status_code == 200, health.json()
+        assert health.json()["batching"]["enabled"] is False
+        assert "until the batching self-test" in health.json()["batching"]["reason"]
+        answer = client.post("/predict", json={"inputs": {"features": [[5.1, 3.5, 1.4, 0.2]]}})
+        assert answer.status_code == 200
+        release.set()
+        wait_for(lambda: client.get("/health").json()["batching"]["enabled"], 10, what="batching on after the self-test")
+    finally:
+        release.set()
+        client.__exit__(None, None, None)
