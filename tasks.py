@@ -2,13 +2,14 @@
 
 from invoke import Collection
 
-from toolkit import fly, gcp, image, local, smoke
+from toolkit import deps, fly, gcp, image, local, smoke
 from toolkit.defaults import DEFAULTS
 from toolkit.bench import bench
 from toolkit.deploy import deploy, render, rollback
 
 ns = Collection(deploy, render, rollback, smoke.smoke, bench)
 ns.add_collection(Collection.from_module(image), name="image")
+ns.add_collection(Collection(deps.lock, deps.check, deps.audit), name="deps")
 ns.add_collection(Collection(local.stop), name="local")
 ns.add_collection(Collection(fly.credentials), name="fly")
 ns.add_collection(Collection(gcp.setup), name="gcp")
