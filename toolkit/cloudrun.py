@@ -13,7 +13,7 @@ import time
 
 from invoke import Context, Exit
 
-from toolkit import image, smoke
+from toolkit import image, scan, smoke
 from toolkit.gcp import model_bucket, require_runtime_account, runtime_account
 from toolkit.model import model_env, require_gcs_model
 
@@ -113,6 +113,7 @@ def cloudbuild_command(c: Context, tag: str) -> list[str]:
     substitutions = {
         "_REGION": c.gcp.region, "_REPOSITORY": c.gcp.repository, "_IMAGE": c.image.name,
         "_TAG": tag, "_SERVICE": c.cloudrun.service, "_DEPLOY": "false",
+        "_BASE_IMAGE": c.image.base_image, "_REVISION": image.revision(c),  # for the image's OCI labels
     }  # fmt: skip
     return [
         "gcloud", "builds", "submit", "--project", c.gcp.project, "--config", "cloudbuild.yaml",
@@ -166,6 +167,8 @@ def deploy(c: Context, tag: str, dry_run: bool, declarative: bool = False, model
         c.run(shlex.join(cloudbuild_command(c, image_tag)), dry=dry_run)
     else:
         image.build_and_push(c, "cloudrun", image_tag, dry_run)
+    if c.deploy.require_scan:  # README "Supply chain": no revision of an image that fails the scan
+        scan.gate(c, image_ref, dry_run=dry_run)
     apply = apply_manifest if declarative else apply_flags
 
     existing = None if dry_run else describe(c)

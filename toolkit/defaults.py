@@ -21,6 +21,10 @@ DEFAULTS = {
         "allow_dirty": False,  # push images built from uncommitted changes to Artifact Registry / Fly
         "max_severity": "HIGH",  # image.scan fails on a finding above this (LOW, MEDIUM, HIGH, CRITICAL)
         "scan_allowlist": "scan-allowlist.txt",  # accepted findings, one CVE id per line with a reason after `#`
+        "scan_flags": "",  # more flags for `gcloud artifacts docker images scan`, e.g. --location=europe
+    },
+    "deploy": {
+        "require_scan": False,  # cloudrun: scan the pushed image (image.scan) and deploy only when it passes
     },
     "gcp": {
         "project": "",
