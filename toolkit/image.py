@@ -225,7 +225,8 @@ def login_hint(c: Context, target: str) -> str:
 def build_and_push(c: Context, target: str, tag: str | None, dry_run: bool) -> str:
     """Build the image for `target` and push it; returns its ref."""
     tag = tag or c.image.tag or default_tag(c)
-    refuse_dirty_push(c, target, revision(c), c.image.allow_dirty)  # before the slow build
+    if not dry_run:
+        refuse_dirty_push(c, target, revision(c), c.image.allow_dirty)  # before the slow build
     build(c, target=target, tag=tag, dry_run=dry_run)
     return push(c, target=target, tag=tag, dry_run=dry_run)
 
