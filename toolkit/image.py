@@ -126,11 +126,16 @@ def _inspect(c: Context, ref: str) -> dict | None:
     return json.loads(found.stdout) if found.ok else None
 
 
-def oci_labels(c: Context, tag: str, base: Base) -> dict[str, str]:
-    """The OCI annotations every build carries (https://github.com/opencontainers/image-spec/blob/main/annotations.md)."""
+def build_args(c: Context, tag: str) -> dict[str, str]:
+    """The Dockerfile's BUILD_* arguments: what the image's /health shows as "build" (also for Fly's builder)."""
     created = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-    labels = {"source": source_url(c), "revision": revision(c), "created": created, "version": tag,
-              "base.name": base.name, "base.digest": base.digest}  # fmt: skip
+    return {"BUILD_REVISION": revision(c), "BUILD_VERSION": tag, "BUILD_CREATED": created}
+
+
+def oci_labels(c: Context, args: dict[str, str], base: Base) -> dict[str, str]:
+    """The OCI annotations every build carries (https://github.com/opencontainers/image-spec/blob/main/annotations.md)."""
+    labels = {"source": source_url(c), "revision": args["BUILD_REVISION"], "created": args["BUILD_CREATED"],
+              "version": args["BUILD_VERSION"], "base.name": base.name, "base.digest": base.digest}  # fmt: skip
     return {OCI + key: value for key, value in labels.items() if value}
 
 
@@ -152,10 +157,10 @@ def _server_version(c: Context) -> Result:
     return c.run("docker version --format '{{.Server.Version}}'", hide=True, warn=True, dry=False)
 
 
-def build_command(c: Context, ref: str, base: Base, labels: dict[str, str]) -> list[str]:
+def build_command(c: Context, ref: str, base: Base, args: dict[str, str], labels: dict[str, str]) -> list[str]:
     command = [*_docker_build(c, base), "--tag", ref]
-    for arg, key in (("BUILD_REVISION", "revision"), ("BUILD_VERSION", "version"), ("BUILD_CREATED", "created")):
-        command += ["--build-arg", f"{arg}={labels.get(OCI + key, '')}"]
+    for name, value in args.items():
+        command += ["--build-arg", f"{name}={value}"]
     for key, value in labels.items():
         command += ["--label", f"{key}={value}"]
     return [*command, str(ROOT)]
@@ -254,8 +259,9 @@ def build(c, target="local", tag=None, base_image=None, sbom=None, dry_run=False
     if not dry_run:
         require_engine(c)
     base = resolve_base(c, base_image or c.image.base_image, dry_run)
-    labels = oci_labels(c, tag, base)
-    c.run(shlex.join(build_command(c, ref, base, labels)), dry=dry_run)
+    args = build_args(c, tag)
+    labels = oci_labels(c, args, base)
+    c.run(shlex.join(build_command(c, ref, base, args, labels)), dry=dry_run)
     path = sbom_path(c, ref, sbom)
     if path:
         write_sbom(c, ref, base, labels, path, dry_run)

@@ -117,3 +117,17 @@ def test_build_without_an_engine_says_how_to_get_one_or_build_remotely():
     assert done.returncode == 1
     assert "No Docker engine answers" in done.stderr or "No docker CLI" in done.stderr
     assert "cloudrun.build=cloudbuild" in done.stderr and "fly.build=remote" in done.stderr
+
+
+def test_push_to_artifact_registry_attaches_the_sbom_and_fly_keeps_it_local():
+    ar = "europe-west1-docker.pkg.dev/demo-proj/onnx-serve/onnx-serve"
+    done = run_invoke("image.push", "--target", "cloudrun", "--tag", "t1", "--dry-run", env=NO_ENGINE,
+                      GCP_PROJECT="demo-proj", GCP_REGION="europe-west1")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"docker push {ar}:t1",
+        f"gcloud artifacts sbom load --project demo-proj --source {ROOT}/build/sbom/onnx-serve_t1.cdx.json "
+        f"--uri {ar}@sha256:DIGEST",
+    ]
+    fly = run_invoke("image.push", "--target", "fly", "--tag", "t1", "--dry-run", env=NO_ENGINE, FLY_APP="my-app")
+    assert fly.stdout.splitlines()[1] == f"SBOM kept at {ROOT}/build/sbom/my-app_t1.cdx.json: this registry takes no SBOM attachment"
