@@ -192,8 +192,11 @@ def write_sbom(c: Context, ref: str, base: Base, labels: dict[str, str], path: P
         (Path(context) / SBOM_LOCK.name).write_bytes(SBOM_LOCK.read_bytes())
         command = [*_docker_build(c, base), "--file", str(SBOM_DOCKERFILE), "--build-arg", f"IMAGE={ref}",
                    "--tag", scratch, context]  # fmt: skip
-        if not c.run(shlex.join(command), dry=dry_run, hide="out").ok:
-            return
+        made = c.run(shlex.join(command), dry=dry_run, hide="out", warn=True)
+        if not made.ok:
+            reason = (made.stderr.strip().splitlines() or ["no output"])[-1]
+            raise Exit(f"The image {ref} is built, but its SBOM is not ({reason}): the generator installs from PyPI "
+                       "(or image.pip_index_url) inside `docker build`; set image.sbom_dir to '' to build without one.")
     if dry_run:
         print(f"# then: docker run {scratch} cat /sbom.cdx.json > {path}")
         return
