@@ -33,8 +33,12 @@ class LoadResult:
         return self.cpu_seconds / self.wall_seconds
 
 
-def request_bytes(method: str, path: str, body: bytes = b"", content_type: str = "application/json") -> bytes:
+def request_bytes(
+    method: str, path: str, body: bytes = b"", content_type: str = "application/json",
+    headers: dict[str, str] | None = None,
+) -> bytes:
     head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: bench\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     if body or method == "POST":
         head += f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
     return head.encode() + b"\r\n" + body

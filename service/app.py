@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from service import logs, open_inference, openapi
+from service.auth import ApiKeys
 from service.metrics import Recorder
 from service.model_store import LoadState, ModelStore
 from service.payload import BadRequest, decode_inputs, encode_outputs, rejected_by_model
@@ -91,7 +92,8 @@ def create_app(settings: Settings) -> InferenceApp:
     openapi.install(api, store, settings)
     if metrics:  # after every route: it labels requests by route template
         metrics.attach(api, store, settings.served_name)
-    return InferenceApp(api, native, v2, settings.access_log, metrics)
+    keys = ApiKeys(settings.api_key_list, docs_open=settings.docs) if settings.api_key_list else None
+    return InferenceApp(api, native, v2, settings.access_log, metrics, keys)
 
 
 def _freeze_heap() -> None:
@@ -112,13 +114,19 @@ class InferenceApp:
     """
 
     def __init__(
-        self, api: FastAPI, predict: Endpoint, infer: Endpoint, access_log: str = "all", metrics: Recorder | None = None
+        self, api: FastAPI, predict: Endpoint, infer: Endpoint, access_log: str = "all",
+        metrics: Recorder | None = None, keys: ApiKeys | None = None,
     ):
         self.api, self.predict, self.infer = api, predict, infer
         self.state = api.state
         self.logged = AccessLog(api, access_log, metrics)
+        self.keys = keys  # API_KEYS: checked before any route, logged like any answer
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if self.keys is not None and scope["type"] == "http":
+            refusal = self.keys.refusal(scope)
+            if refusal is not None:
+                return await self.logged.direct(Answer(*refusal), scope, receive, send)
         if scope["type"] == "http" and scope["method"] == "POST":
             path = scope["path"]
             if path == "/predict":
@@ -126,6 +134,16 @@ class InferenceApp:
             if path.startswith("/v2/models/") and path.endswith("/infer"):
                 return await self.logged.direct(self.infer, scope, receive, send)
         await self.logged(scope, receive, send)
+
+
+class Answer:
+    """A fixed answer (the API key check's 401) in the form `AccessLog.direct` serves."""
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes):
+        self.status, self.headers, self.body = status, headers, body
+
+    async def handle(self, scope: dict, receive: Any, send: Any, headers: dict[bytes, bytes]) -> tuple[int, int]:
+        return await _send(send, self.status, self.body, self.headers)
 
 
 class NativeProtocol:
@@ -138,7 +156,7 @@ class NativeProtocol:
         return None
 
     def decode(self, body: bytes, headers: dict[bytes, bytes]) -> tuple[dict, Any]:
-        return decode_inputs(body, self.store.inputs), None
+        return decode_inputs(body, self.store.inputs, shared_dims=self.store.settings.check_shared_dims), None
 
     def encode(self, request: Any, values: list) -> tuple[bytes, list[tuple[bytes, bytes]]]:
         return encode_outputs(self.store.outputs, values), [JSON_CONTENT]

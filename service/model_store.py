@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 import numpy as np
 
 from service.onnx_file import external_data_locations, with_weights_by_reference
+from service.payload import BadRequest, decode_inputs
 from service.settings import ModelSource, Settings, parse_model_uri
+from service.tensors import TensorSpec
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -37,19 +39,6 @@ log = logging.getLogger("service.model")
 LARGE_MODEL_BYTES = 64 * 1024 * 1024
 MAPPED_INITIALIZER_BYTES = 64 * 1024
 
-# onnxruntime's type strings -> numpy dtypes the service accepts and returns.
-ORT_DTYPES: dict[str, np.dtype] = {
-    f"tensor({name})": np.dtype(dtype)
-    for name, dtype in {
-        "float": "float32", "double": "float64", "float16": "float16",
-        "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64",
-        "uint8": "uint8", "uint16": "uint16", "uint32": "uint32", "uint64": "uint64",
-        "bool": "bool",
-        "string": "object",  # onnxruntime takes and gives string tensors as numpy arrays of Python str
-    }.items()
-}  # fmt: skip
-
-
 class LoadState(str, enum.Enum):
     LOADING = "loading"
     READY = "ready"
@@ -58,32 +47,6 @@ class LoadState(str, enum.Enum):
 
 class ModelLoadError(Exception):
     """The model cannot be served; the message says why and what to change."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    ort_type: str
-    shape: tuple[int | str | None, ...]  # ints are fixed; str/None are free (symbolic) dimensions
-
-    @property
-    def dtype(self) -> np.dtype | None:
-        """The numpy dtype of the tensor (object for strings), None for what is not a tensor (sequences, maps)."""
-        return ORT_DTYPES.get(self.ort_type)
-
-    @property
-    def dtype_name(self) -> str:
-        """"float32", "int64", "bool", "string", ...; onnxruntime's type for what is not a tensor."""
-        dtype = self.dtype
-        if dtype is None:
-            return self.ort_type
-        return "string" if dtype.kind == "O" else dtype.name
-
-    def describe_shape(self) -> str:
-        return "[" + ", ".join(str(d) if isinstance(d, int) else (d or "N") for d in self.shape) + "]"
-
-    def as_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype_name, "shape": list(self.shape)}
 
 
 class Progress:
@@ -192,8 +155,8 @@ class ModelStore:
             status.data_files = [f.as_json() for f in verify_sha256(self.settings, fetched, status.sha256)]
             status.step = "opening session"
             session = open_session(fetched.path, self.settings, external_data=bool(fetched.data_files))
-            self.inputs = tuple(_spec(arg) for arg in session.get_inputs())
-            self.outputs = tuple(_spec(arg) for arg in session.get_outputs())
+            self.inputs = tuple(TensorSpec.of(arg) for arg in session.get_inputs())
+            self.outputs = tuple(TensorSpec.of(arg) for arg in session.get_outputs())
             for spec in self.inputs:
                 if spec.dtype is None:
                     raise ModelLoadError(
@@ -267,11 +230,6 @@ class ModelStore:
             "inputs": [spec.as_json() for spec in self.inputs],
             "outputs": [spec.as_json() for spec in self.outputs],
         }
-
-
-def _spec(arg: Any) -> TensorSpec:
-    shape = tuple(d if isinstance(d, int) and d >= 0 else (d if isinstance(d, str) else None) for d in (arg.shape or ()))
-    return TensorSpec(arg.name, arg.type, shape)
 
 
 def file_sha256(path: Path) -> str:
@@ -617,8 +575,6 @@ def _guessed_input(spec: TensorSpec) -> np.ndarray:
 
 def warmup_feeds(example: str, inputs: tuple[TensorSpec, ...], settings: Settings) -> dict[str, np.ndarray]:
     """WARMUP_INPUT, a /predict body given inline, as a local path or as a gs:// object, as the model's feeds."""
-    from service.payload import BadRequest, decode_inputs  # payload depends on this module, not this on it
-
     example = example.strip()
     if example.startswith("{"):
         body, where = example.encode(), "WARMUP_INPUT"
@@ -637,6 +593,6 @@ def warmup_feeds(example: str, inputs: tuple[TensorSpec, ...], settings: Setting
                 f"{where} cannot be read ({exc.strerror}): give a /predict JSON body, a file or a gs:// object"
             ) from None
     try:
-        return decode_inputs(body, inputs)
+        return decode_inputs(body, inputs, shared_dims=settings.check_shared_dims)
     except BadRequest as exc:
         raise ModelLoadError(f"{where} is not a valid request for this model: {exc}") from None

@@ -94,6 +94,7 @@ class InferProtocol:
 
     def __init__(self, store: ModelStore, settings: Settings):
         self.store, self.served = store, settings.served_name
+        self.shared_dims = settings.check_shared_dims
 
     def route_error(self, scope: dict) -> tuple[int, str] | None:
         parts = scope["path"].split("/")  # "", "v2", "models", name, ["versions", version,] "infer"
@@ -106,7 +107,8 @@ class InferProtocol:
     def decode(self, body: bytes, headers: dict[bytes, bytes]) -> tuple[dict, v2.InferRequest]:
         length = headers.get(b"inference-header-content-length")
         request = v2.decode_request(
-            body, length.decode("latin-1") if length is not None else None, self.store.inputs, self.store.outputs
+            body, length.decode("latin-1") if length is not None else None, self.store.inputs, self.store.outputs,
+            shared_dims=self.shared_dims,
         )
         return request.feeds, request
 

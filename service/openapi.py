@@ -12,6 +12,7 @@ model is ready (or failed for good) it is built once and kept.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 from typing import Any, Sequence
 
@@ -21,12 +22,15 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
+from starlette.staticfiles import StaticFiles
 
-from service import open_inference, v2
-from service.model_store import LoadState, ModelStore, TensorSpec
+from service import auth, open_inference, v2
+from service.model_store import LoadState, ModelStore
+from service.tensors import TensorSpec
 from service.settings import Settings
 
 Schema = dict[str, Any]
+DOCS_FILES = auth.DOCS_FILES.rstrip("/")  # where Swagger UI's files are served
 
 
 def install(api: FastAPI, store: ModelStore, settings: Settings) -> None:
@@ -42,10 +46,18 @@ def install(api: FastAPI, store: ModelStore, settings: Settings) -> None:
 
     api.openapi = openapi  # type: ignore[method-assign]  # FastAPI's /openapi.json route calls api.openapi()
     if settings.docs:
+        # Swagger UI's own files, from a pinned package (fastapi-offline), served here: no CDN, so /docs works
+        # in a private network or behind a strict proxy.
+        api.mount(DOCS_FILES, StaticFiles(directory=str(importlib.resources.files("fastapi_offline") / "static")))
 
         async def docs(request: Request) -> HTMLResponse:
             root = request.scope.get("root_path", "").rstrip("/")
-            return get_swagger_ui_html(openapi_url=root + (api.openapi_url or "/openapi.json"), title=f"{api.title} - docs")
+            return get_swagger_ui_html(
+                openapi_url=root + (api.openapi_url or "/openapi.json"), title=f"{api.title} - docs",
+                swagger_js_url=f"{root}{DOCS_FILES}/swagger-ui-bundle.js",
+                swagger_css_url=f"{root}{DOCS_FILES}/swagger-ui.css",
+                swagger_favicon_url=f"{root}{DOCS_FILES}/favicon.png",
+            )  # fmt: skip
 
         api.add_route("/docs", docs, methods=["GET"], include_in_schema=False)
 
@@ -69,8 +81,31 @@ def build(api: FastAPI, store: ModelStore, settings: Settings) -> Schema:
             paths.setdefault(path, {}).setdefault(method, {}).update(operation)
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     schemas.update(COMPONENTS)
+    if settings.api_key_list:
+        _require_keys(document, settings.docs)
     _drop_unreferenced(document)  # FastAPI's HTTPValidationError: none of these routes answers with it
     return document
+
+
+def _require_keys(document: Schema, docs_open: bool) -> None:
+    """API_KEYS set: both ways of sending a key declared, so that Swagger UI's "Authorize" sends it, and every
+    operation but the open ones (service/auth.py) requires one and may answer 401."""
+    document["components"]["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "one of the service's API_KEYS"},
+        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "one of the service's "
+                   "API_KEYS; use it where Authorization carries something else (Cloud Run's IAM identity token)"},
+    }  # fmt: skip
+    document["security"] = [{"bearer": []}, {"apiKey": []}]
+    open_paths = auth.open_paths(docs_open)
+    for path, methods in document["paths"].items():
+        for operation in methods.values():
+            if path in open_paths:
+                operation["security"] = []
+            else:
+                body = ERROR if path == "/v2" or path.startswith("/v2/") else DETAIL
+                unauthorized = _json("No API key, or not one of the service's", body)
+                unauthorized["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer"}}
+                operation.setdefault("responses", {})["401"] = unauthorized
 
 
 def _drop_unreferenced(document: Schema) -> None:

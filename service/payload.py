@@ -2,7 +2,8 @@
 
 Every protocol's codec goes through the same functions, so a value is accepted or refused the same way on each:
 `json_to_array` (JSON values to an array of the input's dtype), `check_shape` (rank and fixed dimensions),
-`to_tensor` (both), `decode_inputs` (the native /predict body) and `encode_outputs`. When onnxruntime itself
+`to_tensor` (both), `check_shared_dimensions` (dimensions the model names alike agree), `decode_inputs` (the
+native /predict body) and `encode_outputs`. When onnxruntime itself
 refuses an input that passed them, `rejected_by_model` turns its error into one that names the input.
 
 Every rejection is a `BadRequest` whose message names the input, what was wrong and what the model expects.
@@ -10,6 +11,7 @@ Every rejection is a `BadRequest` whose message names the input, what was wrong 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from typing import Any, Sequence
@@ -17,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import orjson
 
-from service.model_store import TensorSpec
+from service.tensors import TensorSpec
 
 EXAMPLE = '{"inputs": {"<input name>": [[...], ...]}}'
 # What an array numpy built from JSON holds, by its dtype's kind, in the words of a message.
@@ -30,8 +32,9 @@ class BadRequest(Exception):
         self.status = status
 
 
-def decode_inputs(body: bytes, specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
-    """The native /predict body, {"inputs": {name: value}} (or a bare value for a one-input model), as tensors."""
+def decode_inputs(body: bytes, specs: Sequence[TensorSpec], *, shared_dims: bool = True) -> dict[str, np.ndarray]:
+    """The native /predict body, {"inputs": {name: value}} (or a bare value for a one-input model), as tensors;
+    with `shared_dims` (CHECK_SHARED_DIMS), dimensions the model names alike checked to agree."""
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -53,7 +56,10 @@ def decode_inputs(body: bytes, specs: Sequence[TensorSpec]) -> dict[str, np.ndar
     if missing:
         raise BadRequest(f"missing input {', '.join(map(repr, missing))}; the model's inputs are {names}")
     may_hold_booleans = _mentions_booleans(body)
-    return {spec.name: to_tensor(inputs[spec.name], spec, may_hold_booleans=may_hold_booleans) for spec in specs}
+    tensors = {spec.name: to_tensor(inputs[spec.name], spec, may_hold_booleans=may_hold_booleans) for spec in specs}
+    if shared_dims:
+        check_shared_dimensions(specs, tensors)
+    return tensors
 
 
 def to_tensor(value: Any, spec: TensorSpec, *, may_hold_booleans: bool = True) -> np.ndarray:
@@ -130,23 +136,41 @@ def check_shape(array: np.ndarray, spec: TensorSpec) -> None:
 
 
 def check_shared_dimensions(specs: Sequence[TensorSpec], tensors: dict[str, np.ndarray]) -> None:
-    """Inputs that name the same free dimension (say "batch") must agree on its size.
-
-    Call it only once onnxruntime has refused the input, to explain why: onnxruntime itself does not require
-    the agreement (ids [2, 3] and scale [1, 1] sharing "N" broadcast and run), and the service must not refuse
-    what it runs. Names exporters use for "unknown" (`?`, empty, anything not an identifier) are not shared.
+    """Dimensions the model names alike (say "N" of `feat [N, 3]` and `count [N]`) must have the same size: the
+    ONNX IR says dimensions with the same `dim_param` are equal, and onnxruntime does not check it (it broadcasts
+    1 row of one input over 3 of another and answers). Names exporters use for "unknown" (`?`, empty, anything
+    not an identifier) are not shared. Called on each request's own tensors, before any batching (rank checked).
+    CHECK_SHARED_DIMS=false skips it for a model that names dimensions alike that are not.
     """
-    seen: dict[str, tuple[str, int]] = {}
-    for spec in specs:
-        for symbol, size in zip(spec.shape, tensors[spec.name].shape):
-            if not (isinstance(symbol, str) and symbol.isidentifier()):
+    for symbol, places in _shared_dimensions(tuple(specs)):
+        (first, first_axis), *others = places
+        size = tensors[first].shape[first_axis]
+        for name, axis in others:
+            other = tensors[name].shape[axis]
+            if other == size:
                 continue
-            first = seen.setdefault(symbol, (spec.name, size))
-            if first[1] != size:
+            if name == first:
                 raise BadRequest(
-                    f"inputs {first[0]!r} and {spec.name!r} share dimension {symbol!r} but have sizes "
-                    f"{first[1]} and {size}; give them the same number of rows"
+                    f"input {name!r} has shape {list(tensors[name].shape)}, whose dimensions {first_axis} and {axis} "
+                    f"the model names both {symbol!r}: they must have the same size"
                 )
+            raise BadRequest(
+                f"inputs {first!r} and {name!r} share dimension {symbol!r} but have sizes {size} and {other} "
+                f"(shapes {list(tensors[first].shape)} and {list(tensors[name].shape)}); send them with the same "
+                f"size in {symbol!r}"
+            )
+
+
+@functools.lru_cache(maxsize=16)
+def _shared_dimensions(specs: tuple[TensorSpec, ...]) -> tuple[tuple[str, tuple[tuple[str, int], ...]], ...]:
+    """The identifiers that name more than one dimension of the inputs, each with its (input, axis) places:
+    worked out once per model, so that a request whose model shares none pays a cached lookup."""
+    places: dict[str, list[tuple[str, int]]] = {}
+    for spec in specs:
+        for axis, symbol in enumerate(spec.shape):
+            if isinstance(symbol, str) and symbol.isidentifier():
+                places.setdefault(symbol, []).append((spec.name, axis))
+    return tuple((symbol, tuple(where)) for symbol, where in places.items() if len(where) > 1)
 
 
 def rejected_by_model(error: Exception, specs: Sequence[TensorSpec], tensors: dict[str, np.ndarray]) -> BadRequest:

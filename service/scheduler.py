@@ -342,7 +342,7 @@ def batch_safety(
 ) -> BatchPolicy:
     """The batching policy for a model: BATCHING=off, or on/auto after the structural check and a self-test.
 
-    `inputs`/`outputs` are the model store's TensorSpecs; `example` a known-good feed (the warm-up input) whose
+    `inputs`/`outputs` are the model's TensorSpecs (service/tensors.py); `example` a known-good feed (the warm-up input) whose
     per-row shapes the self-test uses instead of guessing free dimensions. The self-test runs a few random rows
     alone and stacked and compares the outputs; it also times runs to decide what may run inline.
     """

@@ -14,12 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service import auth
 
 GS_URI = re.compile(r"^gs://(?P<bucket>[a-z0-9][a-z0-9._-]{1,220}[a-z0-9])/(?P<name>[^#]+?)(?:#(?P<generation>\d+))?$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 WARMUP_EXAMPLE = 'e.g. {"inputs": {"audio": [[0.0, 0.1, ...]]}}, or a path or gs:// object holding one'
+SECRET_SETTINGS = {"API_KEYS"}  # never echoed in an error
 SHA256_MANIFEST = re.compile(r"^[^=,]+=[0-9a-fA-F]{64}(,[^=,]+=[0-9a-fA-F]{64})*$")
 
 
@@ -100,6 +103,28 @@ class Settings(BaseSettings):
     warmup_input: str = Field(
         "", description="a /predict JSON body (inline, a path or gs:// object) run before ready; its failure fails the load"
     )
+
+    # --- Inputs that share a dimension name (service/payload.py, issue 16) ---
+    check_shared_dims: bool = Field(
+        True, description="refuse a request whose inputs differ in a dimension the model names alike (false: let "
+        "onnxruntime broadcast them, for a model whose names are wrong)"
+    )
+
+    # --- API keys (service/auth.py, issue 16): a SecretStr, so that no repr or error shows a key ---
+    api_keys: SecretStr = Field(
+        SecretStr(""), description="comma-separated keys; when set every route but /health and /v2/health/* needs "
+        "one (Authorization: Bearer KEY or X-API-Key: KEY)"
+    )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _valid_keys(cls, value: SecretStr) -> SecretStr:
+        auth.parse(value.get_secret_value())
+        return value
+
+    @property
+    def api_key_list(self) -> tuple[str, ...]:
+        return auth.parse(self.api_keys.get_secret_value())
 
     # --- what was built (README "Supply chain"): set by the image's build args, shown on /health as "build" ---
     build_revision: str = Field("", description="git commit the image was built from (the Dockerfile sets it)")
@@ -257,7 +282,8 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
             name = str(error["loc"][0]).upper() if error["loc"] else "settings"
             message = error["msg"].removeprefix("Value error, ")
             given = error.get("input")
-            problems.append(f"{name}: {message} (got {given!r})")
+            shown = "not shown" if name in SECRET_SETTINGS else repr(given)
+            problems.append(f"{name}: {message} (got {shown})")
         raise SettingsError("invalid configuration: " + "; ".join(problems)) from None
 
 

@@ -15,8 +15,8 @@ from typing import Any, Sequence
 import numpy as np
 import orjson
 
-from service.model_store import TensorSpec
-from service.payload import BadRequest, check_shape, json_to_array
+from service.tensors import TensorSpec
+from service.payload import BadRequest, check_shape, check_shared_dimensions, json_to_array
 
 PLATFORM = "onnx_onnxv1"
 EXTENSIONS = ["binary_tensor_data"]
@@ -55,8 +55,12 @@ class InferRequest:
     binary_default: bool = False  # binary_data_output: the request-wide default for outputs
 
 
-def decode_request(body: bytes, header_length: str | None, specs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> InferRequest:
-    """An infer request body (JSON, or JSON header + binary tensors) as validated feeds; BadRequest otherwise."""
+def decode_request(
+    body: bytes, header_length: str | None, specs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+    *, shared_dims: bool = True,
+) -> InferRequest:
+    """An infer request body (JSON, or JSON header + binary tensors) as validated feeds; BadRequest otherwise.
+    `shared_dims` (CHECK_SHARED_DIMS): dimensions the model names alike must agree (payload.py)."""
     header, binary = _split(body, header_length)
     try:
         document = orjson.loads(header)
@@ -106,6 +110,8 @@ def decode_request(body: bytes, header_length: str | None, specs: Sequence[Tenso
     missing = [name for name in names if name not in feeds]
     if missing:
         raise BadRequest(f"missing input {', '.join(map(repr, missing))}; the model's inputs are {names}", 400)
+    if shared_dims:
+        check_shared_dimensions(specs, feeds)
     request = InferRequest(feeds, request_id, binary_default=_flag(parameters, "binary_data_output", "request"))
     if document.get("outputs") is not None:
         _requested_outputs(document["outputs"], outputs, request)

@@ -5,7 +5,6 @@ URL, and only then move traffic to it. Every gcloud command is built in one func
 from __future__ import annotations
 
 import json
-import math
 import re
 import shlex
 import shutil
@@ -13,23 +12,28 @@ import time
 
 from invoke import Context, Exit
 
-from toolkit import image, scan, smoke
+from toolkit import cloudrun_yaml, image, scan, smoke
+from toolkit.cloudrun_spec import MOUNT_PATH, PORT, VOLUME, env_vars, mounted_model_path, startup_probe
 from toolkit.gcp import model_bucket, require_runtime_account, runtime_account
-from toolkit.model import model_env, require_gcs_model
+from toolkit.model import require_gcs_model
 
-PROBE_PERIOD_SECONDS = 10
-PORT = 8080
-VOLUME = "model"  # the Cloud Storage volume of --model-mount, mounted read-only at MOUNT_PATH
-MOUNT_PATH = "/mnt/models"
+
+def require_project(c: Context) -> None:
+    if not c.gcp.project:
+        raise Exit("gcp.project is not set: put `gcp: {project: MY-PROJECT}` in invoke.yaml or set INVOKE_GCP_PROJECT.")
 
 
 def check_ready(c: Context, dry_run: bool) -> None:
     """Cheap checks first: config set, gcloud present and logged in, a model Cloud Run can reach."""
-    if not c.gcp.project:
-        raise Exit("gcp.project is not set: put `gcp: {project: MY-PROJECT}` in invoke.yaml or set INVOKE_GCP_PROJECT.")
+    require_project(c)
     require_gcs_model(c, "Cloud Run")
-    if dry_run:
-        return
+    if not dry_run:
+        check_gcloud(c)
+
+
+def check_gcloud(c: Context) -> None:
+    """gcp.project set, gcloud on PATH and logged in: what every command that reads or changes the service needs."""
+    require_project(c)
     if not shutil.which("gcloud"):
         raise Exit("gcloud is not on PATH: install the Google Cloud CLI (https://cloud.google.com/sdk/docs/install).")
     if not c.run("gcloud auth print-access-token", hide=True, warn=True).ok:
@@ -38,39 +42,6 @@ def check_ready(c: Context, dry_run: bool) -> None:
 
 def _where(c: Context) -> list[str]:
     return ["--project", c.gcp.project, "--region", c.gcp.region]
-
-
-def env_vars(c: Context, model_mount: bool = False) -> dict[str, str]:
-    env = {**model_env(c), "WEB_CONCURRENCY": "1", "GOOGLE_CLOUD_PROJECT": c.gcp.project}
-    if model_mount:  # the service opens the mounted file as a local one: nothing to download
-        env["MODEL_URI"] = mounted_model_path(c)
-    cpus = float(c.cloudrun.cpu)
-    if cpus >= 1:  # one onnxruntime thread per vCPU the instance really has
-        env["ORT_INTRA_OP_THREADS"] = str(int(cpus))
-    return env
-
-
-def probe(c: Context) -> dict:
-    """The startup probe, as the v1 API has it. Its window (period x failures) must cover downloading and opening
-    the model; /health answers 503 until then, and the instance gets traffic only after it answers 200."""
-    failures = max(3, math.ceil(int(c.cloudrun.startup_probe_seconds) / PROBE_PERIOD_SECONDS))
-    return {"httpGet": {"path": "/health", "port": PORT}, "periodSeconds": PROBE_PERIOD_SECONDS, "timeoutSeconds": 5,
-            "failureThreshold": failures}
-
-
-def startup_probe(c: Context) -> str:
-    p = probe(c)
-    return (f"httpGet.path={p['httpGet']['path']},httpGet.port={PORT},periodSeconds={p['periodSeconds']},"
-            f"timeoutSeconds={p['timeoutSeconds']},failureThreshold={p['failureThreshold']}")
-
-
-def mounted_model_path(c: Context) -> str:
-    """Where the model's object appears when its bucket is mounted (--model-mount)."""
-    source = str(c.model.uri)
-    if "#" in source:
-        raise Exit(f"model.uri {source!r} pins a generation, which a mounted bucket cannot: a mount shows the current "
-                   "object, so drop #GENERATION and pin the content with model.sha256 instead.")
-    return f"{MOUNT_PATH}/{source[len('gs://'):].split('/', 1)[1]}"
 
 
 def volume_flags(c: Context) -> list[str]:
@@ -103,6 +74,8 @@ def deploy_command(c: Context, image_ref: str, tag: str | None, model_mount: boo
     ]  # fmt: skip
     if model_mount:
         command += volume_flags(c)
+    if cr.api_keys_secret:
+        command += ["--update-secrets", f"API_KEYS={cr.api_keys_secret}:latest"]
     if tag:
         command += ["--no-traffic", "--tag", tag]
     return command
@@ -207,8 +180,6 @@ def apply_flags(c: Context, image_ref: str, candidate: str | None, existing: dic
 def apply_manifest(c: Context, image_ref: str, candidate: str | None, existing: dict | None, model_mount: bool,
                    dry_run: bool) -> None:
     """Render service.yaml (the candidate: a named revision at 0% with its tag) and `gcloud run services replace` it."""
-    from toolkit import cloudrun_yaml
-
     revision = traffic = None
     if candidate:
         # unique per deploy: a revision name cannot be reused with another template
@@ -232,10 +203,7 @@ def apply_manifest(c: Context, image_ref: str, candidate: str | None, existing: 
 
 def render(c: Context, tag: str, output: str, model_mount: bool) -> None:
     """Write service.yaml for the current config: all traffic to the revision it makes."""
-    from toolkit import cloudrun_yaml
-
-    if not c.gcp.project:
-        raise Exit("gcp.project is not set: put `gcp: {project: MY-PROJECT}` in invoke.yaml or set INVOKE_GCP_PROJECT.")
+    require_project(c)
     require_gcs_model(c, "Cloud Run")
     image_ref = image.image_ref(c, "cloudrun", tag or image.default_tag(c))
     path = cloudrun_yaml.write(output or c.cloudrun.manifest,

@@ -1,6 +1,6 @@
 """The Cloud Run service as a Knative `service.yaml` (serving.knative.dev/v1, what `gcloud run services replace`
 applies): the same image, env, resources, concurrency, scaling, CPU boost, probe, timeout, service account and
-execution environment that the flag deploy sets, from the same config and helpers in `cloudrun.py`.
+execution environment that the flag deploy sets, from the same config and values (`cloudrun_spec.py`).
 
 The no-traffic candidate of a deploy is a named template plus a traffic list that keeps the serving revisions and
 tags the new one at 0% (the YAML equivalent of `--no-traffic --tag`).
@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from invoke import Context, Exit
 
-from toolkit import cloudrun
+from toolkit import cloudrun_spec
 from toolkit.gcp import model_bucket, runtime_account
 
 
@@ -42,10 +42,12 @@ def manifest(c: Context, image_ref: str, model_mount: bool = False, revision: st
     }
     container = {
         "image": image_ref,
-        "ports": [{"name": "http1", "containerPort": cloudrun.PORT}],
-        "env": [{"name": k, "value": v} for k, v in cloudrun.env_vars(c, model_mount).items()],
+        "ports": [{"name": "http1", "containerPort": cloudrun_spec.PORT}],
+        "env": [{"name": k, "value": v} for k, v in cloudrun_spec.env_vars(c, model_mount).items()]
+        + ([{"name": "API_KEYS", "valueFrom": {"secretKeyRef": {"name": cr.api_keys_secret, "key": "latest"}}}]
+           if cr.api_keys_secret else []),
         "resources": {"limits": {"cpu": str(cr.cpu), "memory": str(cr.memory)}},
-        "startupProbe": cloudrun.probe(c),
+        "startupProbe": cloudrun_spec.probe(c),
     }
     spec = {
         "containerConcurrency": int(cr.concurrency),
@@ -54,9 +56,10 @@ def manifest(c: Context, image_ref: str, model_mount: bool = False, revision: st
         "containers": [container],
     }
     if model_mount:
-        container["volumeMounts"] = [{"name": cloudrun.VOLUME, "mountPath": cloudrun.MOUNT_PATH}]
-        spec["volumes"] = [{"name": cloudrun.VOLUME, "csi": {"driver": "gcsfuse.run.googleapis.com", "readOnly": True,
-                                                             "volumeAttributes": {"bucketName": model_bucket(c)}}}]
+        container["volumeMounts"] = [{"name": cloudrun_spec.VOLUME, "mountPath": cloudrun_spec.MOUNT_PATH}]
+        spec["volumes"] = [{"name": cloudrun_spec.VOLUME,
+                            "csi": {"driver": "gcsfuse.run.googleapis.com", "readOnly": True,
+                                    "volumeAttributes": {"bucketName": model_bucket(c)}}}]
     template = {"metadata": {"annotations": annotations}, "spec": spec}
     if revision:
         template["metadata"]["name"] = revision

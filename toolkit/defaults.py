@@ -51,6 +51,9 @@ DEFAULTS = {
         "declarative": False,  # deploy by `gcloud run services replace` of the rendered manifest, not flags
         "manifest": "service.yaml",  # where `invoke render` and declarative deploys write the Knative service
         "model_mount": False,  # mount the model's bucket read-only (Cloud Storage volume) instead of downloading
+        # a Secret Manager secret holding API_KEYS (comma-separated keys), given to the service as that variable;
+        # empty: none set by the deploy (IAM alone guards a private service)
+        "api_keys_secret": "",
     },
     "fly": {
         "app": "",  # region, VM size, checks and scaling live in fly.toml
@@ -65,8 +68,26 @@ DEFAULTS = {
         "runtime": "auto",  # docker when an engine answers, else process (gunicorn on this machine)
         "port": 8080,
     },
+    "release": {
+        # Gates of `invoke model.compare` (and the compare `invoke release` runs): None or "" is no gate.
+        "max_abs_diff": None,  # largest |candidate - baseline| allowed in any numeric output
+        "min_agreement": None,  # least arg-max / exact agreement of any output, a fraction (0.99)
+        "max_latency_ratio": None,  # largest candidate/baseline single-row p50 or p99
+        # `invoke release`: a new model on the serving image, compared, then traffic in steps
+        "samples": "",  # JSONL file of /predict bodies for the compare, the smoke test and the answers check
+        "steps": "10,50,100",  # Cloud Run: percents of traffic to the new model; 100 promotes it
+        "step_wait": 600,  # Cloud Run: seconds each step serves before it is judged
+        "window": 300,  # seconds of Cloud Monitoring figures (the end of the step) a step is judged on; >= 300
+        "ingestion_delay": 180,  # seconds Cloud Monitoring takes to show a sample: waited out after each step
+        "max_5xx_share": 0.01,  # roll back when the new model's share of 5xx answers is over this (and the stable's)
+        "max_p99_ratio": 1.5,  # roll back when its p99 latency is over this times the stable revision's
+        "min_requests": 100,  # fewer requests to the new model in a step's window: hold the split, do not promote
+        "monitoring_endpoint": "https://monitoring.googleapis.com",  # Cloud Monitoring's REST API (tests: a stand-in)
+        "record": "",  # the invoke.yaml whose model.uri/sha256 a release updates; empty: `-f FILE`, else the project's
+    },
     "smoke": {
         "timeout": 600,
         "sample": "",  # JSON file with a request body; empty: built from the model's /metadata
+        "api_key": "",  # one of the service's API_KEYS, sent by every smoke test; empty: $ONNX_SERVE_API_KEY
     },
 }

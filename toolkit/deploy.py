@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from invoke import Exit, task
 
-from toolkit import cloudrun, fly, local
+from toolkit import cloudrun, fly, local, release
 
 TARGETS = {
     "cloudrun": cloudrun,  # Google Cloud Run: revision with no traffic + tag, smoke test, then traffic
@@ -43,6 +43,7 @@ def deploy(c, target="local", tag="", dry_run=False, declarative=False, model_mo
         raise Exit("deploy.require_scan gates on Artifact Analysis, which scans Artifact Registry images only, and "
                    "Fly's registry has no scanner: scan the image there with `invoke image.scan`, or set "
                    "deploy.require_scan to false for Fly deploys.")
+    release.warn_if_unreleased_model(c, target)
     if target == "cloudrun":
         module.deploy(c, tag=tag, dry_run=dry_run, declarative=declarative, model_mount=model_mount)
         return
@@ -70,13 +71,17 @@ def render(c, target="cloudrun", tag="", output="", model_mount=False):
 @task(
     help={
         "target": "cloudrun or fly",
-        "to": "revision (Cloud Run) or image (Fly) to go back to; default: the one before the current",
+        "to": "revision (Cloud Run) or image (Fly) to go back to; default: the model before the last `invoke release`, "
+              "else the revision or image before the current",
         "dry_run": "print every command instead of running it",
     }
 )
 def rollback(c, target, to="", dry_run=False):
-    """Send traffic back to the previous revision (Cloud Run) or redeploy the previous image (Fly)."""
+    """Go back to the model before the last release, else the previous revision (Cloud Run) or image (Fly)."""
     module = _target(target)
     if not hasattr(module, "rollback"):
         raise Exit(f"target {target!r} has nothing to roll back: redeploy it instead")
-    module.rollback(c, to=to, dry_run=dry_run or c.config.run.dry)
+    dry_run = dry_run or c.config.run.dry
+    if not to and release.rollback_release(c, target, dry_run):  # after `invoke release`: the previous model
+        return
+    module.rollback(c, to=to, dry_run=dry_run)

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 import shlex
 import shutil
+import sys
 from pathlib import Path
 
 from invoke import Context, Exit, task
 
+from service import auth
 from toolkit import image, smoke
 from toolkit.gcp import runtime_account
 from toolkit.model import model_env, require_gcs_model
@@ -41,12 +44,15 @@ def check_ready(c: Context, dry_run: bool) -> None:
         raise Exit("flyctl is not logged in: run `flyctl auth login` (or set FLY_API_TOKEN).")
 
 
-def require_bucket_access(c: Context) -> None:
+def secret_names(c: Context) -> set[str]:
+    result = c.run(shlex.join([flyctl(), "secrets", "list", "--json", *_app(c)]), hide=True, warn=True)
+    return {s.get("name") or s.get("Name") for s in json.loads(result.stdout or "[]")} if result.ok else set()
+
+
+def require_bucket_access(c: Context, names: set[str]) -> None:
     """Keyless access configured, or else the key secret stored: without either the app cannot read the model."""
     if c.fly.workload_identity_provider:
         return
-    result = c.run(shlex.join([flyctl(), "secrets", "list", "--json", *_app(c)]), hide=True, warn=True)
-    names = {s.get("name") or s.get("Name") for s in json.loads(result.stdout or "[]")} if result.ok else set()
     if KEY_SECRET not in names:
         raise Exit(f"the Fly app has no way to read {c.model.uri}: run `invoke gcp.setup --fly` and set "
                    "fly.workload_identity_provider as it prints (keyless, recommended), or store a service-account "
@@ -101,7 +107,11 @@ def deploy(c: Context, tag: str, dry_run: bool) -> None:
     check_ready(c, dry_run)
     label = tag or image.default_tag(c)
     if not dry_run:
-        require_bucket_access(c)
+        names = secret_names(c)
+        require_bucket_access(c, names)
+        if "API_KEYS" not in names:
+            print(f"note: {c.fly.app} has no API_KEYS secret, so anyone who finds {app_url(c)} can run the model on "
+                  "your bill; `invoke fly.api-key` makes a key and stores it")
     previous = None if dry_run else current_image(c)
     image_ref = None
     if c.fly.build == "image":
@@ -174,6 +184,49 @@ def credentials(c, key_file, dry_run=False):
     c.run(shlex.join(command), in_stream=_Stdin(encoded), hide="out")
     print(f"stored secret {KEY_SECRET}; it takes effect on the next `invoke deploy --target fly` (unless "
           "fly.workload_identity_provider is set: keyless access wins)")
+
+
+@task(
+    help={
+        "keep": "keys to keep beside the new one, comma-separated (the one clients use now, while they move over); "
+        "`-` reads them from standard input, out of sight of `ps` and the shell's history",
+        "new": "make a new key (--no-new: store only the --keep keys, to retire the others after a rotation)",
+        "stage": "store it for the next deploy instead of restarting the app's machines with it now",
+        "dry_run": "print the command instead of running it (no key is made)",
+    }
+)
+def api_key(c, keep="", new=True, stage=False, dry_run=False):
+    """Make a strong API key, store the app's API_KEYS secret with it, and print it once."""
+    dry_run = dry_run or c.config.run.dry
+    if not c.fly.app:
+        raise Exit("fly.app is not set: put `fly: {app: MY-APP}` in invoke.yaml or set INVOKE_FLY_APP.")
+    try:
+        kept = auth.parse(sys.stdin.read() if keep == "-" else keep)
+    except ValueError as exc:
+        raise Exit(f"--keep: {exc}") from None
+    if not new and not kept:
+        raise Exit("--no-new stores only the --keep keys, and none were given: pass --keep KEY (the key clients "
+                   "use now), or leave out --no-new to make one.")
+    # Piped on stdin (NAME=-), never on the command line, where `ps` on this machine would show it.
+    command = [flyctl() or "flyctl", "secrets", "set", "API_KEYS=-", *_app(c), *(["--stage"] if stage else [])]
+    if dry_run:
+        given = [*(["a new key"] if new else []), *([f"{len(kept)} kept key(s)"] if kept else [])]
+        print(shlex.join(command) + " < " + " and ".join(given))
+        return
+    if not flyctl():
+        raise Exit("flyctl is not on PATH: install it (https://fly.io/docs/flyctl/install/).")
+    if not c.run(f"{flyctl()} auth whoami", hide=True, warn=True).ok:
+        raise Exit("flyctl is not logged in: run `flyctl auth login` (or set FLY_API_TOKEN).")
+    key = secrets.token_urlsafe(32) if new else ""  # 256 random bits, 43 characters
+    c.run(shlex.join(command), in_stream=_Stdin(",".join([key, *kept] if key else kept)), hide="out")
+    when = "on the next deploy" if stage else "now: the app's machines restart with it, one by one"
+    print(f"stored API_KEYS on {c.fly.app} ({'1 new key' if key else 'no new key'}, {len(kept)} kept); it takes "
+          f"effect {when}")
+    if key:
+        print("the new key, shown this once (Fly keeps secrets write-only):")
+        print(key)
+        print(f"send it as `Authorization: Bearer KEY` or `X-API-Key: KEY`; for the deploys' smoke tests, "
+              f"export {smoke.API_KEY_VARIABLE}=KEY")
 
 
 class _Stdin:

@@ -336,8 +336,20 @@ def setup(c, cloudrun=True, fly=False, scanning=False, dry_run=False):
     targets = " and ".join(name for name, chosen in (("Cloud Run", cloudrun), ("Fly", fly)) if chosen)
     print(f"{targets} run{'s' if ' and ' not in targets else ''} as {runtime_account(c)}, which can only read "
           f"gs://{model_bucket(c)}.")
+    if cloudrun:
+        print_release_grant(c, plan.deployer())
     if fly:
         print_fly_settings(c, provider_name(plan.number, c))
+
+
+def print_release_grant(c: Context, member: str) -> None:
+    """`invoke release` judges traffic steps on Cloud Monitoring: a project-level read grant, named, not made (a
+    project IAM change is an owner's call)."""
+    from toolkit.monitoring import VIEWER_ROLE
+
+    print(f"\n`invoke release --target cloudrun` reads Cloud Monitoring; unless {member} can already, a project "
+          f"owner grants it:\n  gcloud projects add-iam-policy-binding {c.gcp.project} --member={member} "
+          f"--role={VIEWER_ROLE}")
 
 
 def print_fly_settings(c: Context, provider: str) -> None:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,9 @@ from invoke import Exit, task
 # What a fresh rollout answers before it serves: the proxy has no route yet, IAM has not propagated, the
 # instance is starting, the model is loading. The smoke test waits through these.
 TRANSIENT_STATUSES = {403, 404, 408, 425, 429, 500, 502, 503, 504}
+API_KEY_VARIABLE = "ONNX_SERVE_API_KEY"
+NEEDS_KEY = (f"the service needs an API key (its API_KEYS): set smoke.api_key or {API_KEY_VARIABLE}, or pass "
+             "--api-key; `invoke fly.api-key` makes one")
 FILL = {"f": 0.5, "i": 1, "u": 1, "b": False}
 
 
@@ -98,13 +102,13 @@ def check(
     sample: dict | None = None,
     expect_sha256: str = "",
     progress: Callable[[str], None] | None = print,
+    api_key: str = "",
 ) -> SmokeResult:
     """Poll /health until the model is loaded (or failed, or `timeout`), then predict and check the answer."""
     url = url.rstrip("/")
     started = time.monotonic()
     result = SmokeResult(ok=False, url=url)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    with httpx.Client(headers=headers, timeout=30, follow_redirects=False) as client:
+    with httpx.Client(headers=auth_headers(token, api_key), timeout=30, follow_redirects=False) as client:
         try:
             result.health = wait_until_loaded(client, url, started + timeout, progress)
             result.load = load_figures(result.health)
@@ -120,6 +124,21 @@ def check(
             result.reason = str(exc)
     result.seconds = round(time.monotonic() - started, 2)
     return result
+
+
+def auth_headers(token: str, api_key: str) -> dict[str, str]:
+    """The platform's token (Cloud Run's IAM identity token) in Authorization; the service's API key beside it in
+    X-API-Key, or alone as `Authorization: Bearer KEY` (a Fly app)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if api_key:
+        headers.update({"X-API-Key": api_key} if token else {"Authorization": f"Bearer {api_key}"})
+    return headers
+
+
+def configured_api_key(c) -> str:
+    """The key the deploys' smoke tests send: smoke.api_key, else ONNX_SERVE_API_KEY from the environment (a
+    secret is better kept out of invoke.yaml)."""
+    return c.smoke.api_key or os.environ.get(API_KEY_VARIABLE, "")
 
 
 def load_figures(health: dict) -> dict[str, Any]:
@@ -158,7 +177,8 @@ def _poll_health(
             if body and body.get("status") == "failed":
                 raise SmokeFailure(f"the model failed to load: {body.get('error')}")
             if response.status_code == 401:
-                raise SmokeFailure("the service requires authentication: pass --token, or --identity-token for Cloud Run")
+                raise SmokeFailure("the service requires authentication: pass --token, or --identity-token for Cloud "
+                                   f"Run, or an API key (--api-key, smoke.api_key or {API_KEY_VARIABLE})")
             if response.status_code not in TRANSIENT_STATUSES:
                 raise SmokeFailure(f"/health answered {response.status_code}: {response.text[:300]}")
             state = f"{response.status_code} " + (f"{body.get('status')} ({body.get('step')})" if body else "")
@@ -178,18 +198,29 @@ def _poll_health(
         delay = min(delay * 1.5, 5.0)
 
 
-def sample_request(metadata: dict) -> dict:
-    """One row for every input, built from the model's own metadata (free dimensions become 1)."""
+def sample_request(metadata: dict, rows: int = 1, rng: Any = None) -> dict:
+    """A request for every input, built from the model's own metadata: `rows` rows when the first dimension is free
+    (other free dimensions 1). Values are one plain valid value of each kind, or with `rng` (a numpy Generator)
+    seeded random ones: normal floats, integers 0-9, booleans, one of a few short strings."""
     import numpy as np
 
     inputs = {}
     for spec in metadata["inputs"]:
-        shape = [d if isinstance(d, int) else 1 for d in spec["shape"]]
+        shape = [d if isinstance(d, int) else (rows if axis == 0 else 1) for axis, d in enumerate(spec["shape"])]
         if spec["dtype"] == "string":
-            inputs[spec["name"]] = np.full(shape, "a", dtype=object).tolist()
+            values = rng.choice(np.array(["a", "b", "c"], dtype=object), shape) if rng else np.full(shape, "a", object)
+            inputs[spec["name"]] = values.tolist()
             continue
         dtype = np.dtype(spec["dtype"])
-        inputs[spec["name"]] = np.full(shape, FILL[dtype.kind], dtype=dtype).tolist()
+        if rng is None:
+            values = np.full(shape, FILL[dtype.kind], dtype=dtype)
+        elif dtype.kind == "f":
+            values = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind == "b":
+            values = rng.random(shape) < 0.5
+        else:
+            values = rng.integers(0, 10, shape).astype(dtype)
+        inputs[spec["name"]] = values.tolist()
     return {"inputs": inputs}
 
 
@@ -197,6 +228,7 @@ def predict_and_check(client: httpx.Client, url: str, metadata: dict, request: d
     import numpy as np
 
     response = client.post(f"{url}/predict", json=request)
+    _refuse_unauthorized(response)
     if response.status_code != 200:
         raise SmokeFailure(f"/predict answered {response.status_code}: {response.text[:300]}")
     outputs = (_json_or_none(response) or {}).get("outputs")
@@ -219,10 +251,18 @@ def predict_and_check(client: httpx.Client, url: str, metadata: dict, request: d
 
 def get_json(client: httpx.Client, url: str) -> dict:
     response = client.get(url)
+    _refuse_unauthorized(response)
     body = _json_or_none(response)
     if response.status_code != 200 or body is None:
         raise SmokeFailure(f"{url} answered {response.status_code}: {response.text[:300]}")
     return body
+
+
+def _refuse_unauthorized(response: httpx.Response) -> None:
+    if response.status_code == 401:
+        sent = "X-API-Key" in response.request.headers or "Authorization" in response.request.headers
+        raise SmokeFailure(f"{response.request.url.path} answered 401: " + (
+            "the API key sent is not one of the service's API_KEYS" if sent else NEEDS_KEY))
 
 
 def _json_or_none(response: httpx.Response) -> dict | None:
@@ -237,7 +277,8 @@ def after_deploy(c, url: str, token: str = "") -> SmokeResult:
     """The smoke test as every deploy target runs it: timeout and expected sha256 from config, progress and
     verdict printed. The caller decides what a failure means for its platform."""
     print(f"smoke test: {url}")
-    result = check(url, timeout=float(c.smoke.timeout), token=token, expect_sha256=c.model.sha256)
+    result = check(url, timeout=float(c.smoke.timeout), token=token, expect_sha256=c.model.sha256,
+                   api_key=configured_api_key(c))
     if result.ok:
         print(f"smoke test passed in {result.seconds}s: outputs {result.outputs}")
     return result
@@ -278,12 +319,14 @@ def load_sample(path: str) -> dict | None:
         "timeout": "seconds to wait for model_loaded (default: smoke.timeout)",
         "token": "bearer token to send (private services)",
         "identity_token": "send `gcloud auth print-identity-token` (private Cloud Run services)",
+        "api_key": f"the service's API key (default: smoke.api_key, else ${API_KEY_VARIABLE}); beside a token it "
+        "goes in X-API-Key",
         "sample": "JSON file with a /predict body; default: one row built from /metadata",
         "sha256": "fail unless the served model has this sha256 (default: model.sha256)",
         "json": "print the result as JSON (for CI)",
     }
 )
-def smoke(c, url, timeout=None, token="", identity_token=False, sample="", sha256="", json=False):
+def smoke(c, url, timeout=None, token="", identity_token=False, api_key="", sample="", sha256="", json=False):
     """Wait until URL serves the model, make a real prediction and check it."""
     if identity_token:
         token = gcloud_identity_token(c)
@@ -294,5 +337,6 @@ def smoke(c, url, timeout=None, token="", identity_token=False, sample="", sha25
         sample=load_sample(sample or c.smoke.sample),
         expect_sha256=sha256 or c.model.sha256,
         progress=None if json else print,
+        api_key=api_key or configured_api_key(c),
     )
     report(result, as_json=json)

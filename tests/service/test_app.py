@@ -110,15 +110,47 @@ def test_dtype_and_structure_errors_on_a_two_input_model(two_inputs, inputs, fra
         assert fragment in response.json()["detail"]
 
 
-def test_what_onnxruntime_runs_is_not_refused_by_the_service(two_inputs, tmp_path):
-    # ids and scale share "N", but onnxruntime broadcasts 1 row of scale over 2 rows of ids: so does the service.
+def test_inputs_that_disagree_on_a_dimension_the_model_names_alike_are_refused(two_inputs, tmp_path):
+    # ids [N, 3] and scale [N, 1] share "N": onnxruntime would broadcast 1 row of scale over 2 rows of ids and
+    # answer 200 with numbers computed from a malformed request.
     ids, scale = [[1, 2, 3], [4, 5, 6]], [[0.5]]
     response = two_inputs.post("/predict", json={"inputs": {"ids": ids, "scale": scale}})
-    assert response.status_code == 200, response.text
-    (expected,) = reference_outputs(
-        two_input_model(tmp_path / "same.onnx"), {"ids": np.array(ids, np.int64), "scale": np.array(scale, np.float32)}
-    )
-    assert response.json()["outputs"]["out"] == expected.tolist()
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert "inputs 'ids' and 'scale' share dimension 'N' but have sizes 2 and 1" in detail
+    assert "onnxruntime" not in detail  # refused before the model ran, not explained after
+    # V2 speaks 400 with {"error"}, the same words
+    v2 = two_inputs.post("/v2/models/two/infer", json={"inputs": [
+        {"name": "ids", "shape": [2, 3], "datatype": "INT64", "data": [1, 2, 3, 4, 5, 6]},
+        {"name": "scale", "shape": [1, 1], "datatype": "FP32", "data": [0.5]},
+    ]})  # fmt: skip
+    assert v2.status_code == 400 and "'ids' and 'scale' share dimension 'N'" in v2.json()["error"], v2.text
+
+
+def test_check_shared_dims_false_lets_onnxruntime_broadcast_for_one_model(tmp_path):
+    model = two_input_model(tmp_path / "two.onnx")
+    client = client_for(model, CHECK_SHARED_DIMS="false", WARMUP_INPUT='{"inputs": {"ids": [[1, 2, 3], [4, 5, 6]], "scale": [[1.0]]}}')
+    try:
+        ids, scale = [[1, 2, 3], [4, 5, 6]], [[0.5]]
+        response = client.post("/predict", json={"inputs": {"ids": ids, "scale": scale}})
+        assert response.status_code == 200, response.text
+        (expected,) = reference_outputs(model, {"ids": np.array(ids, np.int64), "scale": np.array(scale, np.float32)})
+        assert response.json()["outputs"]["out"] == expected.tolist()
+        # what onnxruntime cannot broadcast is still a 422 naming the inputs
+        response = client.post("/predict", json={"inputs": {"ids": ids, "scale": [[1.0], [2.0], [3.0]]}})
+        assert response.status_code == 422 and "'ids' and 'scale' share dimension 'N'" in response.json()["detail"]
+    finally:
+        client.__exit__(None, None, None)
+
+
+def test_a_warmup_input_that_breaks_the_rule_fails_the_load_saying_so(tmp_path):
+    model = two_input_model(tmp_path / "two.onnx")
+    client = client_for(model, WARMUP_INPUT='{"inputs": {"ids": [[1, 2, 3], [4, 5, 6]], "scale": [[1.0]]}}')
+    try:
+        health = client.get("/health").json()
+        assert health["status"] == "failed" and "share dimension 'N'" in health["error"], health
+    finally:
+        client.__exit__(None, None, None)
 
 
 def test_whole_numbers_written_with_a_fraction_part_are_integers(two_inputs):

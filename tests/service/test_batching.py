@@ -15,7 +15,7 @@ import pytest
 from bench.loadgen import request_bytes, run_load
 from service.settings import SettingsError, load_settings
 from tests.support.models import (
-    batch_mixing_model, busy_model, image_model, linear_model, lookup_model, reference_outputs,
+    batch_mixing_model, busy_model, image_model, linear_model, lookup_model, reference_outputs, two_input_model,
 )  # fmt: skip
 from tests.support.server import run_service
 
@@ -104,6 +104,27 @@ def test_a_request_the_model_rejects_fails_alone_in_its_batch(tmp_path):
             assert response.json()["outputs"]["vectors"] == expected.tolist()
     assert stats["largest_batch_requests"] > 1, stats
     assert after.status_code == 200 and after.json()["outputs"]["vectors"] == [[[6.0, 7.0]]]
+
+
+def test_shared_dimensions_are_checked_per_request_before_rows_are_stacked(tmp_path):
+    # ids [N, 3] and scale [N, 1] share "N". Of two malformed requests, one of 2 ids and 1 scale, one of 1 id and
+    # 2 scales, the stacked batch would have 3 and 3 rows and run: each must be refused on its own.
+    model = two_input_model(tmp_path / "two.onnx")
+    good = [{"inputs": {"ids": [[i, i + 1, i + 2]], "scale": [[0.5 * i]]}} for i in range(14)]
+    bad = [{"inputs": {"ids": [[1, 2, 3], [4, 5, 6]], "scale": [[1.0]]}}, {"inputs": {"ids": [[1, 2, 3]], "scale": [[1.0], [2.0]]}}]
+    bodies = good[:7] + bad + good[7:]
+    with run_service(str(model), tmp_path, MAX_BATCH_DELAY_MS="200") as service:
+        service.wait_state("ready")
+        assert batching(service)["enabled"] is True
+        responses = post_concurrently(service, bodies)
+        stats = batching(service)["worker"]
+    statuses = [r.status_code for r in responses]
+    assert statuses == [200] * 7 + [422, 422] + [200] * 7, [r.text for r in responses]
+    assert "sizes 2 and 1" in responses[7].json()["detail"] and "sizes 1 and 2" in responses[8].json()["detail"]
+    for body, response in zip(good, responses[:7] + responses[9:]):
+        feeds = {"ids": np.array(body["inputs"]["ids"], np.int64), "scale": np.array(body["inputs"]["scale"], np.float32)}
+        assert response.json()["outputs"]["out"] == reference_outputs(model, feeds)[0].tolist()
+    assert stats["largest_batch_requests"] > 1, stats
 
 
 def test_health_answers_while_64_clients_saturate_the_worker(tmp_path):

@@ -107,6 +107,10 @@ def test_integer_and_float_inputs_and_a_rank_0_input(tmp_path):
         for binary in (True, False):
             result = client.infer("two", [infer_input("ids", ids, "INT64", binary), infer_input("scale", scale, "FP32", binary)])
             np.testing.assert_allclose(result.as_numpy("out"), reference_outputs(two, {"ids": ids, "scale": scale})[0])
+            # scale of 1 row beside ids of 2: they share "N", so 400 naming both, not onnxruntime's broadcast
+            with pytest.raises(InferenceServerException) as refused:
+                client.infer("two", [infer_input("ids", ids, "INT64", binary), infer_input("scale", scale[:1], "FP32", binary)])
+            assert refused.value.status() == "400" and "'ids' and 'scale' share dimension 'N'" in refused.value.message()
     x = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
     factor = np.array(3.0, np.float32)
     with run_service(str(scalar), tmp_path, MODEL_NAME="scaler") as service:

@@ -1,10 +1,11 @@
 """The validation every protocol's codec shares (service/payload.py), called as the codecs call it."""
 
 import numpy as np
+import orjson
 import pytest
 
-from service.model_store import TensorSpec
 from service.payload import BadRequest, decode_inputs, json_to_array, to_tensor
+from service.tensors import TensorSpec
 
 
 def spec(ort_type: str, shape=("N",), name: str = "x") -> TensorSpec:
@@ -100,3 +101,49 @@ def test_an_integer_the_json_parser_can_only_read_as_an_inexact_float_is_refused
     with pytest.raises(BadRequest) as raised:
         decode_inputs(b'{"inputs": [[' + text + b", 0]]}", [spec])
     assert "'ids'" in str(raised.value) and ("write it as an integer" in str(raised.value) or "range" in str(raised.value))
+
+
+# --- dimensions the model names alike (issue 16) ----------------------------------------------------------------
+
+SHARED = (spec("float", ("N", 3), "feat"), spec("int64", ("N",), "count"))
+
+
+def test_inputs_sharing_a_named_dimension_must_agree_on_its_size():
+    body = b'{"inputs": {"feat": [[1, 2, 3]], "count": [1, 2, 3]}}'
+    with pytest.raises(BadRequest) as refused:
+        decode_inputs(body, SHARED)
+    assert refused.value.status == 422
+    assert str(refused.value) == (
+        "inputs 'feat' and 'count' share dimension 'N' but have sizes 1 and 3 (shapes [1, 3] and [3]); "
+        "send them with the same size in 'N'"
+    )
+    agreeing = decode_inputs(b'{"inputs": {"feat": [[1, 2, 3], [4, 5, 6]], "count": [1, 2]}}', SHARED)
+    assert agreeing["count"].shape == (2,)
+    assert decode_inputs(body, SHARED, shared_dims=False)["count"].shape == (3,)  # CHECK_SHARED_DIMS=false
+
+
+def test_two_dimensions_of_one_input_named_alike_must_agree():
+    square = [spec("float", ("side", "side"), "m")]
+    assert decode_inputs(b'{"inputs": [[1, 2], [3, 4]]}', square)["m"].shape == (2, 2)
+    with pytest.raises(BadRequest, match=r"input 'm' has shape \[1, 2\], whose dimensions 0 and 1 the model names "
+                                         r"both 'side'"):
+        decode_inputs(b'{"inputs": [[1, 2]]}', square)
+
+
+@pytest.mark.parametrize("name", ["?", "", None, "-1", "batch size", "unk-1"])
+def test_names_exporters_use_for_unknown_are_not_shared(name):
+    specs = (spec("float", (name, 3), "feat"), spec("int64", (name,), "count"))
+    tensors = decode_inputs(b'{"inputs": {"feat": [[1, 2, 3]], "count": [1, 2, 3]}}', specs)
+    assert tensors["count"].shape == (3,)
+
+
+def test_the_v2_codec_applies_the_same_rule():
+    from service.v2 import decode_request
+
+    body = orjson.dumps({"inputs": [
+        {"name": "feat", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]},
+        {"name": "count", "shape": [3], "datatype": "INT64", "data": [1, 2, 3]},
+    ]})  # fmt: skip
+    with pytest.raises(BadRequest, match="'feat' and 'count' share dimension 'N' but have sizes 1 and 3"):
+        decode_request(body, None, SHARED, ())
+    assert decode_request(body, None, SHARED, (), shared_dims=False).feeds["count"].shape == (3,)

@@ -3,7 +3,8 @@
 Outputs follow flyctl's source and docs (superfly/flyctl internal/command/{status,apps,secrets,auth,version},
 superfly/fly-go types.go, machine_types.go, secrets_types.go; superfly/docs flyctl/cmd/fly_*.md):
 - `status --json`: {ID, Name, Deployed, Status, Hostname, Version, AppURL, Organization, PlatformVersion, Machines[]}
-  where each Machine has id, name, state, region, image_ref{registry, repository, tag, digest}, config, checks[].
+  where each Machine has id, name, state, region, image_ref{registry, repository, tag, digest}, config{image, env,
+  metadata} (env: fly.toml's [env] and the deploy's --env flags), checks[].
 - `releases --json`: fly.Release objects, newest first: ID, Version, Stable, InProgress, Reason, Description, Status,
   DeploymentStrategy, User{ID, Name, Email, EnablePaidHobby}, EvaluationID, CreatedAt, ImageRef.
 - `apps list --json`: fly.App objects (the fields a deploy task reads: ID, Name, Status, Deployed, Hostname, AppURL,
@@ -292,8 +293,11 @@ class Fly:
         if failure:
             self.err.write(f"Error: {failure}\n")
             return 1
+        # A deploy rebuilds each Machine's env from fly.toml's [env] and the --env flags (not kept for the next one).
+        env = {**(config.get("env") or {}), **dict(pair.partition("=")[::2] for pair in _flag(flags, "-e", "--env",
+                                                                                                default=[]))}
         self._roll_machines(app, image, release, config.get("primary_region") or "iad",
-                            count=1 if flags.get("--ha") is False else 2)
+                            count=1 if flags.get("--ha") is False else 2, env=env)
         self.out.write(f"Watch your deployment at https://fly.io/apps/{name}/monitoring\n\n"
                        f"Updating existing machines in '{name}' with {strategy} strategy\n"
                        f"-------\n ✔ Machines updated\n-------\n"
@@ -318,7 +322,8 @@ class Fly:
         app["releases"].append(release)
         return release
 
-    def _roll_machines(self, app: dict, image: str, release: dict, region: str, count: int) -> None:
+    def _roll_machines(self, app: dict, image: str, release: dict, region: str, count: int,
+                       env: dict | None = None) -> None:
         now = _now()
         if not app["machines"]:
             for _ in range(count):
@@ -334,7 +339,8 @@ class Fly:
                 instance_id=uuid.uuid4().hex[:26].upper(),
                 private_ip="fdaa:0:1:a7b:1::2",
                 updated_at=now,
-                config={"image": image, "metadata": {"fly_platform_version": "v2", "fly_process_group": "app",
+                config={"image": image, "env": dict(env or {}),
+                        "metadata": {"fly_platform_version": "v2", "fly_process_group": "app",
                                                      "fly_release_id": release["ID"],
                                                      "fly_release_version": str(release["Version"])}},
                 checks=[{"name": "servicecheck-00-http-8080", "status": "passing", "output": "200 OK",
@@ -367,7 +373,8 @@ class Fly:
             return 0
         current = [r for r in app["releases"] if r["Status"] == "complete"][-1]
         release = self._release(app, current["ImageRef"], "rolling", "complete", "Update secrets")
-        self._roll_machines(app, current["ImageRef"], release, app["machines"][0]["region"], len(app["machines"]))
+        self._roll_machines(app, current["ImageRef"], release, app["machines"][0]["region"], len(app["machines"]),
+                            env=app["machines"][0].get("config", {}).get("env"))  # a restart keeps the env
         self.out.write(f"Updating existing machines in '{app['Name']}' with rolling strategy\n")
         return 0
 
@@ -478,13 +485,13 @@ class FakeFly:
     def app(self, name: str) -> dict:
         return self.state()["apps"][name]
 
-    def add_app(self, name: str, image: str | None = None, region: str = "iad") -> dict:
-        """Create an app, deployed with `image` (one release, two Machines) when given."""
+    def add_app(self, name: str, image: str | None = None, region: str = "iad", env: dict | None = None) -> dict:
+        """Create an app, deployed with `image` (one release, two Machines, with `env`) when given."""
         fly = Fly(self.state_path, sys.stdout, sys.stderr, None)
         app = fly.create_app(name)
         if image:
             release = fly._release(app, image, "rolling", "complete", f"Deploy image {image}")
-            fly._roll_machines(app, image, release, region, count=2)
+            fly._roll_machines(app, image, release, region, count=2, env=env)
         fly.save()
         return self.app(name)
 

@@ -23,6 +23,7 @@ class StorageEmulator:
     process: subprocess.Popen | None = None
     log_path: Path | None = None
     extra_env: dict = field(default_factory=dict)
+    data_dir: Path | None = None  # keep objects on disk here, so a restart on the same port finds them
 
     @property
     def host(self) -> str:
@@ -35,8 +36,10 @@ class StorageEmulator:
 
     def start(self) -> "StorageEmulator":
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        store = ["--data-dir", str(self.data_dir)] if self.data_dir else []
+        memory = [] if self.data_dir else ["--in-memory"]
         self.process = subprocess.Popen(
-            [str(EMULATOR), "start", "--host", "127.0.0.1", "--port", str(self.port), "--in-memory", "--quiet"],
+            [str(EMULATOR), *store, "start", "--host", "127.0.0.1", "--port", str(self.port), *memory, "--quiet"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         wait_for(self._answers, 30, what=f"storage emulator on port {self.port}")
@@ -83,8 +86,10 @@ class StorageEmulator:
 
 
 @contextlib.contextmanager
-def storage_emulator(port: int | None = None, log_path: Path | None = None) -> Iterator[StorageEmulator]:
-    emulator = StorageEmulator(port or free_port(), log_path=log_path).start()
+def storage_emulator(
+    port: int | None = None, log_path: Path | None = None, data_dir: Path | None = None
+) -> Iterator[StorageEmulator]:
+    emulator = StorageEmulator(port or free_port(), log_path=log_path, data_dir=data_dir).start()
     try:
         yield emulator
     finally:

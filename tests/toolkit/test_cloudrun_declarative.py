@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tests.support.models import ROOT
+from tests.toolkit.conftest import SERVICE_KEY
 from tests.toolkit.deploy_helpers import invoke
 from tests.toolkit.test_deploy_cloudrun import CONFIG, IMAGE, SERVICE, container, serving
 
@@ -148,3 +149,22 @@ def test_declarative_dry_run_prints_the_manifest_and_the_replace_command_and_run
     assert f"gcloud run services replace {manifest_config['cloudrun_manifest']} --project stub-project" in result.stdout
     assert "tag: rev-dry0001" in result.stdout and "kind: Service" in result.stdout
     assert gcloud_stub.requests == []
+
+
+def test_api_keys_from_secret_manager_by_flags_and_in_the_rendered_file_alike(gcloud_stub, keyed, manifest_config):
+    # IAM stays on (a private service); the keys ride on top, from a secret the runtime account may read.
+    config = {**manifest_config, "cloudrun_api_keys_secret": "onnx-serve-api-keys"}
+    reference = {"name": "API_KEYS", "valueFrom": {"secretKeyRef": {"name": "onnx-serve-api-keys", "key": "latest"}}}
+    service = rendered(config)
+    validate(service)
+    assert reference in service["spec"]["template"]["spec"]["containers"][0]["env"]
+
+    gcloud_stub.state.urls[None] = keyed
+    refused = invoke("deploy", "--target", "cloudrun", "--tag", "abc1234", **config)
+    assert refused.returncode == 1 and "/metadata answered 401: the service needs an API key" in refused.stderr
+    (sent,) = gcloud_stub.sent_services(SERVICE)
+    assert reference in container(sent)["env"]
+    gcloud_stub.state.urls["rev-def5678"] = keyed  # the next revision's tag URL
+    passed = invoke("deploy", "--target", "cloudrun", "--tag", "def5678", **config, smoke_api_key=SERVICE_KEY)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert reference in container(gcloud_stub.sent_services(SERVICE)[-1])["env"]

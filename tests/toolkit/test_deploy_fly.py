@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import base64
 import json
+import string
 import subprocess
 
 from tests.support.models import ROOT
+from tests.toolkit.conftest import SERVICE_KEY
 from tests.toolkit.deploy_helpers import invoke
 
 APP = "onnx-serve-test"
@@ -108,3 +110,52 @@ def test_dry_run_prints_the_commands_and_runs_none(fake_flyctl):
     assert result.returncode == 0, result.stderr
     assert f"deploy --app {APP} --config fly.toml --wait-timeout 10m --remote-only --image-label v9" in result.stdout
     assert fake_flyctl.calls() == []
+
+
+def test_api_key_makes_a_strong_key_pipes_it_to_the_secret_and_prints_it_once(fake_flyctl):
+    fake_flyctl.add_app(APP, image=OLD_IMAGE)
+    result = invoke("fly.api-key", **CONFIG)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (call,) = [c for c in fake_flyctl.calls() if c["argv"][:2] == ["secrets", "set"]]
+    assert call["argv"] == ["secrets", "set", "API_KEYS=-", "--app", APP]  # never on the command line
+    key = call["stdin"]
+    assert len(key) >= 43 and set(key) <= set(string.ascii_letters + string.digits + "-_")  # 256 bits, urlsafe
+    assert result.stdout.count(key) == 1 and key not in result.stderr
+    assert fake_flyctl.state()["apps"][APP]["secrets"]["API_KEYS"]["value"] == key
+    assert "ONNX_SERVE_API_KEY" in result.stdout and "machines restart" in result.stdout
+
+    # rotation: the new key beside the old one (given on stdin), then the old one retired
+    rotated = invoke("fly.api-key", "--keep", "-", "--stage", stdin=key + "\n", **CONFIG)
+    assert rotated.returncode == 0, rotated.stderr
+    new = rotated.stdout.splitlines()[rotated.stdout.splitlines().index(
+        "the new key, shown this once (Fly keeps secrets write-only):") + 1]  # fmt: skip
+    assert new != key and fake_flyctl.state()["apps"][APP]["secrets"]["API_KEYS"]["value"] == f"{new},{key}"
+    retired = invoke("fly.api-key", "--no-new", "--keep", "-", stdin=new, **CONFIG)
+    assert retired.returncode == 0, retired.stderr
+    assert fake_flyctl.state()["apps"][APP]["secrets"]["API_KEYS"]["value"] == new
+    assert new not in retired.stdout and "no new key, 1 kept" in retired.stdout
+
+
+def test_api_key_refuses_bad_requests_before_calling_flyctl(fake_flyctl):
+    weak = invoke("fly.api-key", "--keep", "Qx7wEak", **CONFIG)
+    assert weak.returncode == 1 and "16 printable characters" in weak.stderr and "Qx7wEak" not in weak.stderr
+    nothing = invoke("fly.api-key", "--no-new", **CONFIG)
+    assert nothing.returncode == 1 and "pass --keep KEY" in nothing.stderr
+    dry = invoke("fly.api-key", "--dry-run", **CONFIG)
+    assert dry.returncode == 0 and f"flyctl secrets set API_KEYS=- --app {APP} < a new key" in dry.stdout
+    assert fake_flyctl.calls() == []
+
+
+def test_deploy_to_an_app_with_keys_sends_the_configured_key(fake_flyctl, keyed, monkeypatch):
+    fake_flyctl.add_app(APP, image=OLD_IMAGE)
+    refused = invoke("deploy", "--target", "fly", "--tag", "k1", **CONFIG, fly_url=keyed)
+    assert refused.returncode == 1
+    assert "/metadata answered 401" in refused.stderr and "set smoke.api_key or ONNX_SERVE_API_KEY" in refused.stderr
+    assert "has no API_KEYS secret, so anyone who finds" in refused.stdout
+    passed = invoke("deploy", "--target", "fly", "--tag", "k2", **CONFIG, fly_url=keyed, smoke_api_key=SERVICE_KEY)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    monkeypatch.setenv("ONNX_SERVE_API_KEY", SERVICE_KEY)
+    from_env = invoke("deploy", "--target", "fly", "--tag", "k3", **CONFIG, fly_url=keyed)
+    assert from_env.returncode == 0, from_env.stdout + from_env.stderr
+    for result in (refused, passed, from_env):
+        assert SERVICE_KEY not in result.stdout + result.stderr

@@ -233,3 +233,28 @@ def test_a_new_project_refuses_what_is_not_set_up_as_google_does(gcloud_stub):
     gcloud_stub.gcloud(*deploy)
     assert gcloud_stub.service("svc")["spec"]["template"]["spec"]["serviceAccountName"] == \
         "runtime@stub-project.iam.gserviceaccount.com"
+
+
+def test_a_model_release_revision_reuses_the_image_digest_and_traffic_moves_in_steps(gcloud_stub):
+    """What `invoke release` sends: `services update` with the serving revision's digest, the model env, no
+    traffic and a tag; then `update-traffic --to-revisions CAND=P`, gcloud giving the rest to the serving one."""
+    gcloud_stub.seed_service("svc", f"{IMAGE}:v1", containers=[
+        {"image": f"{IMAGE}:v1", "env": [{"name": "MODEL_URI", "value": "gs://b/v1.onnx"}]}])
+    (first,) = gcloud_stub.revisions("svc")
+    digest = gcloud_stub.gcloud("run", "revisions", "describe", first["metadata"]["name"], *REGION,
+                                "--format=value(status.imageDigest)").stdout.strip()
+    assert re.fullmatch(re.escape(IMAGE) + r"@sha256:[0-9a-f]{64}", digest)
+
+    gcloud_stub.gcloud("run", "services", "update", "svc", *REGION, "--image", digest, "--update-env-vars",
+                       "^@^MODEL_URI=gs://b/v2.onnx#12@MODEL_SHA256=", "--no-traffic", "--tag", "m-12", "--quiet")
+    first_name, second = first["metadata"]["name"], gcloud_stub.revisions("svc")[-1]
+    assert second["status"]["imageDigest"] == digest  # the same image: nothing built
+    env = {e["name"]: e.get("value", "") for e in second["spec"]["containers"][0]["env"]}
+    assert env == {"MODEL_URI": "gs://b/v2.onnx#12", "MODEL_SHA256": ""}
+    name = second["metadata"]["name"]
+
+    for percent in (10, 50):
+        gcloud_stub.gcloud("run", "services", "update-traffic", "svc", *REGION, "--to-revisions", f"{name}={percent}")
+        shares = {t["revisionName"]: t["percent"] for t in gcloud_stub.traffic("svc") if t.get("percent")}
+        assert shares == {first_name: 100 - percent, name: percent}
+    assert any(t.get("tag") == "m-12" and t["revisionName"] == name for t in gcloud_stub.traffic("svc"))

@@ -130,6 +130,7 @@ def test_dry_run_prints_every_command_and_calls_no_api(gcloud_stub):
         "gcloud iam workload-identity-pools create fly --location=global",
         "--issuer-uri=https://oidc.fly.io/acme",
         "--role=roles/iam.workloadIdentityUser",
+        f"gcloud projects add-iam-policy-binding stub-project --member=user:{DEPLOYER} --role=roles/monitoring.viewer",
     ]:
         assert command in result.stdout
     assert gcloud_stub.requests == []

@@ -14,6 +14,7 @@ from tests.support.models import ROOT, linear_model
 from tests.support.ports import free_port
 from tests.support.server import run_service
 from tests.support.storage_emulator import storage_emulator
+from tests.toolkit.conftest import SERVICE_KEY
 from toolkit import smoke
 
 INVOKE = [sys.executable, "-m", "invoke"]
@@ -25,14 +26,17 @@ def quiet(_):
 
 def test_passes_once_the_model_loads_after_a_delay(tmp_path):
     port = free_port()
-    model = linear_model(tmp_path / "m.onnx")
+    store = tmp_path / "storage"
+    # The object is stored first, so storage that comes up late has it from its first answer (an emulator started
+    # empty could answer "no such object" before the upload, which is a failed load, not a late one).
+    with storage_emulator(port, data_dir=store) as emulator:
+        emulator.upload("late", "m.onnx", linear_model(tmp_path / "m.onnx"))
     seen = []
     with run_service("gs://late/m.onnx", tmp_path, STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{port}") as service:
 
         def storage_comes_up_late():
             time.sleep(3)
-            with storage_emulator(port) as emulator:
-                emulator.upload("late", "m.onnx", model)
+            with storage_emulator(port, data_dir=store):
                 done.wait(60)
 
         done = threading.Event()
@@ -143,3 +147,30 @@ def test_passes_on_a_string_input_model(tmp_path):
     assert result.ok, result.reason
     assert result.request == {"inputs": {"city": [["a"]]}}
     assert result.outputs["output_label"] == [1]
+
+
+def test_an_api_key_goes_in_authorization_alone_and_in_x_api_key_beside_a_platform_token(keyed):
+    assert smoke.auth_headers("", "KEY") == {"Authorization": "Bearer KEY"}  # a Fly app
+    assert smoke.auth_headers("ID-TOKEN", "KEY") == {"Authorization": "Bearer ID-TOKEN", "X-API-Key": "KEY"}  # Cloud Run
+    assert smoke.check(keyed, timeout=30, api_key=SERVICE_KEY, progress=quiet).ok
+    # Cloud Run with IAM: the identity token in Authorization (the platform's), the key beside it
+    both = smoke.check(keyed, timeout=30, token="an-identity-token", api_key=SERVICE_KEY, progress=quiet)
+    assert both.ok, both.reason
+    missing = smoke.check(keyed, timeout=30, progress=quiet)
+    assert not missing.ok and missing.reason.startswith("/metadata answered 401: the service needs an API key")
+    wrong = smoke.check(keyed, timeout=30, api_key="not-the-key-0123456789", progress=quiet)
+    assert wrong.reason == "/metadata answered 401: the API key sent is not one of the service's API_KEYS"
+
+
+def test_invoke_smoke_takes_the_key_from_the_flag_config_or_environment(keyed):
+    import os
+
+    def run(*args, **env):
+        return subprocess.run([*INVOKE, "smoke", "--url", keyed, *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120, env={**os.environ, **env})  # fmt: skip
+
+    assert run().returncode == 1
+    for passed in (run("--api-key", SERVICE_KEY), run(INVOKE_SMOKE_API_KEY=SERVICE_KEY),
+                   run(ONNX_SERVE_API_KEY=SERVICE_KEY)):  # fmt: skip
+        assert passed.returncode == 0 and "PASS" in passed.stdout, passed.stdout + passed.stderr
+        assert SERVICE_KEY not in passed.stdout + passed.stderr

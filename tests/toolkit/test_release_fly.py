@@ -1,0 +1,115 @@
+"""`invoke release --target fly`, `invoke status --target fly` and `invoke rollback` after a release, against the
+flyctl contract stand-in; the smoke test reaches real services on loopback through fly.url."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tests.support import variants
+from tests.support.models import DEMO_MODEL
+from tests.toolkit.deploy_helpers import invoke
+from tests.toolkit.test_deploy_fly import APP, CONFIG, OLD_IMAGE, deploys
+
+OLD_MODEL = "gs://my-models/demo.onnx#1700000000000001"
+NEW_MODEL = "gs://my-models/demo-v2.onnx#1700000000000002"
+
+
+@pytest.fixture
+def project(fake_flyctl, tmp_path):
+    fake_flyctl.add_app(APP, image=OLD_IMAGE, env={"PORT": "8080", "MODEL_URI": OLD_MODEL})
+    record = tmp_path / "invoke.yaml"
+    record.write_text(f"model:\n  uri: {OLD_MODEL}\n")
+    config = {k: v for k, v in CONFIG.items() if k != "model_uri"}
+    return dict(config, release_record=str(record)), record
+
+
+def release(config, url, *flags):
+    return invoke("-f", config["release_record"], "release", "--target", "fly", "--model", NEW_MODEL,
+                  "--skip-compare", *flags, **config, fly_url=url)
+
+
+def machine_env(fake) -> list[dict]:
+    return [m["config"]["env"] for m in fake.app(APP)["machines"]]
+
+
+def test_release_redeploys_the_serving_image_blue_green_with_only_the_model_changed(fake_flyctl, project, healthy):
+    config, record = project
+    result = release(config, healthy)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (deploy,) = deploys(fake_flyctl)
+    assert deploy[deploy.index("--image") + 1] == OLD_IMAGE  # the image that serves: nothing built
+    assert "--remote-only" not in deploy
+    assert deploy[deploy.index("--strategy") + 1] == "bluegreen"
+    assert f"MODEL_URI={NEW_MODEL}" in deploy
+    assert all(env["MODEL_URI"] == NEW_MODEL for env in machine_env(fake_flyctl))
+    assert yaml.safe_load(record.read_text())["model"]["uri"] == NEW_MODEL
+
+    status = invoke("-f", str(record), "status", "--target", "fly", "--json", **config, fly_url=healthy)
+    assert status.returncode == 0, status.stderr
+    rows = json.loads(status.stdout)
+    assert len(rows) == 2 and {r["share"] for r in rows} == {"1/2"}
+    assert all(r["health"]["status"] == "ready" and r["image"].startswith(f"registry.fly.io/{APP}@sha256:")
+               for r in rows)
+
+    back = invoke("-f", str(record), "rollback", "--target", "fly", **config)
+    assert back.returncode == 0, back.stdout + back.stderr
+    last = deploys(fake_flyctl)[-1]
+    assert last[last.index("--image") + 1] == OLD_IMAGE and f"MODEL_URI={OLD_MODEL}" in last
+    assert all(env["MODEL_URI"] == OLD_MODEL for env in machine_env(fake_flyctl))
+    assert yaml.safe_load(record.read_text())["model"]["uri"] == OLD_MODEL
+
+
+def test_a_failed_smoke_test_brings_the_previous_model_back(fake_flyctl, project, broken):
+    config, record = project
+    result = release(config, broken)
+    assert result.returncode == 1
+    forward, back = deploys(fake_flyctl)
+    assert f"MODEL_URI={NEW_MODEL}" in forward
+    assert back[back.index("--image") + 1] == OLD_IMAGE and f"MODEL_URI={OLD_MODEL}" in back
+    assert all(env["MODEL_URI"] == OLD_MODEL for env in machine_env(fake_flyctl))
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"release rolled back, {OLD_MODEL} serves again") and "the model failed to load" in line
+    assert yaml.safe_load(record.read_text())["model"]["uri"] == OLD_MODEL
+
+
+def test_a_failed_blue_green_deploy_changes_nothing_more(fake_flyctl, project, healthy, monkeypatch):
+    config, record = project
+    monkeypatch.setenv("FAKE_FLY_DEPLOY_FAIL", "smoke checks for 0e286039f42e86 failed: the app crashed")
+    result = release(config, healthy)
+    assert result.returncode == 1
+    assert len(deploys(fake_flyctl)) == 1  # no second deploy: the blue Machines kept serving
+    assert all(env["MODEL_URI"] == OLD_MODEL for env in machine_env(fake_flyctl))
+    line = result.stderr.strip().splitlines()[-1]
+    assert "the blue-green deploy failed, the previous Machines keep serving" in line and "the app crashed)" in line
+
+
+def test_the_compare_gate_runs_against_the_model_the_machines_serve(fake_flyctl, tmp_path, healthy, emulator,
+                                                                    monkeypatch):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.host)
+    serving = f"gs://fly-models/demo.onnx#{emulator.upload('fly-models', 'demo.onnx', DEMO_MODEL)}"
+    changed = variants.output_as_double(DEMO_MODEL, tmp_path / "double.onnx", "probabilities")
+    candidate = f"gs://fly-models/double.onnx#{emulator.upload('fly-models', 'double.onnx', changed)}"
+    fake_flyctl.add_app(APP, image=OLD_IMAGE, env={"MODEL_URI": serving})
+    record = tmp_path / "invoke.yaml"
+    record.write_text(f"model:\n  uri: {serving}\n")
+    config = {k: v for k, v in CONFIG.items() if k != "model_uri"}
+    result = invoke("-f", str(record), "release", "--target", "fly", "--model", candidate, **config,
+                    release_record=str(record), fly_url=healthy)
+    assert result.returncode == 1
+    assert f"against the serving {serving}" in result.stdout
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("release stopped before any change: the candidate fails the compare: breaking")
+    assert "probabilities" in line and "float64" in line and deploys(fake_flyctl) == []
+
+
+def test_dry_run_prints_the_deploy_and_the_way_back_and_runs_no_flyctl(fake_flyctl, project):
+    config, record = project
+    result = invoke("-f", str(record), "release", "--target", "fly", "--model", NEW_MODEL, "--dry-run", **config)
+    assert result.returncode == 0, result.stderr
+    assert "# invoke model.compare --candidate " + NEW_MODEL in result.stdout
+    assert f"deploy --app {APP} --config fly.toml --wait-timeout 10m --image SERVING_IMAGE --env " in result.stdout
+    assert "--strategy bluegreen" in result.stdout and "--strategy immediate" in result.stdout
+    assert fake_flyctl.argvs() == [] and NEW_MODEL not in record.read_text()
