@@ -98,6 +98,7 @@ def create_app(settings: Settings) -> InferenceApp:
         body = store.health()
         body["batching"] = scheduler.as_json()
         body["memory"] = budget.as_json()
+        body["build"] = settings.build
         return JSONResponse(body, status_code=200 if body["model_loaded"] else 503, headers={"Cache-Control": "no-store"})
 
     @api.get("/metadata")

@@ -153,6 +153,16 @@ class Settings(BaseSettings):
     def api_key_list(self) -> tuple[str, ...]:
         return auth.parse(self.api_keys.get_secret_value())
 
+    # --- what was built (README "Supply chain"): set by the image's build args, shown on /health as "build" ---
+    build_revision: str = Field("", description="git commit the image was built from (the Dockerfile sets it)")
+    build_version: str = Field("", description="the image's version (its tag); set at build")
+    build_created: str = Field("", description="when the image was built, RFC 3339; set at build")
+
+    @property
+    def build(self) -> dict[str, str | None]:
+        return {"revision": self.build_revision or None, "version": self.build_version or None,
+                "created": self.build_created or None}
+
     # --- API documentation (service/openapi.py) ---
     docs: bool = Field(True, description="serve Swagger UI at /docs (/openapi.json is served either way)")
 

@@ -12,7 +12,7 @@ import time
 
 from invoke import Context, Exit
 
-from toolkit import cloudrun_yaml, image, smoke
+from toolkit import cloudrun_yaml, image, scan, smoke
 from toolkit.cloudrun_spec import MOUNT_PATH, PORT, VOLUME, env_vars, mounted_model_path, startup_probe
 from toolkit.gcp import model_bucket, require_runtime_account, runtime_account
 from toolkit.model import require_gcs_model
@@ -86,6 +86,7 @@ def cloudbuild_command(c: Context, tag: str) -> list[str]:
     substitutions = {
         "_REGION": c.gcp.region, "_REPOSITORY": c.gcp.repository, "_IMAGE": c.image.name,
         "_TAG": tag, "_SERVICE": c.cloudrun.service, "_DEPLOY": "false",
+        "_BASE_IMAGE": c.image.base_image, "_REVISION": image.revision(c),  # for the image's OCI labels
     }  # fmt: skip
     return [
         "gcloud", "builds", "submit", "--project", c.gcp.project, "--config", "cloudbuild.yaml",
@@ -139,6 +140,8 @@ def deploy(c: Context, tag: str, dry_run: bool, declarative: bool = False, model
         c.run(shlex.join(cloudbuild_command(c, image_tag)), dry=dry_run)
     else:
         image.build_and_push(c, "cloudrun", image_tag, dry_run)
+    if c.deploy.require_scan:  # README "Supply chain": no revision of an image that fails the scan
+        scan.gate(c, image_ref, dry_run=dry_run)
     apply = apply_manifest if declarative else apply_flags
 
     existing = None if dry_run else describe(c)

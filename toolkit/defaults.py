@@ -15,6 +15,16 @@ DEFAULTS = {
         "registry": "",  # empty: taken from the target (Artifact Registry or registry.fly.io)
         "pip_index_url": "",  # empty: PyPI; a mirror's simple index for builds that cannot reach PyPI
         "build_network": "",  # empty: Docker's default; "host" for engines without a bridge network
+        # supply chain (README "Supply chain")
+        "source": "",  # org.opencontainers.image.source; empty: the git remote origin
+        "sbom_dir": "build/sbom",  # where each build's CycloneDX SBOM goes (relative to the project); empty: none
+        "allow_dirty": False,  # push images built from uncommitted changes to Artifact Registry / Fly
+        "max_severity": "HIGH",  # image.scan fails on a finding above this (LOW, MEDIUM, HIGH, CRITICAL)
+        "scan_allowlist": "scan-allowlist.txt",  # accepted findings, one CVE id per line with a reason after `#`
+        "scan_flags": "",  # more flags for `gcloud artifacts docker images scan`, e.g. --location=europe
+    },
+    "deploy": {
+        "require_scan": False,  # cloudrun: scan the pushed image (image.scan) and deploy only when it passes
     },
     "gcp": {
         "project": "",

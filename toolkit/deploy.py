@@ -39,6 +39,10 @@ def deploy(c, target="local", tag="", dry_run=False, declarative=False, model_mo
     """Build, push and deploy the service to TARGET, then prove it serves the model with the smoke test."""
     module = _target(target)
     dry_run = dry_run or c.config.run.dry  # --dry-run or invoke's global --dry
+    if c.deploy.require_scan and target == "fly":
+        raise Exit("deploy.require_scan gates on Artifact Analysis, which scans Artifact Registry images only, and "
+                   "Fly's registry has no scanner: scan the image there with `invoke image.scan`, or set "
+                   "deploy.require_scan to false for Fly deploys.")
     release.warn_if_unreleased_model(c, target)
     if target == "cloudrun":
         module.deploy(c, tag=tag, dry_run=dry_run, declarative=declarative, model_mount=model_mount)

@@ -79,7 +79,10 @@ def deploy_command(c: Context, image_ref: str | None, label: str) -> list[str]:
     command += ["--image", image_ref] if image_ref else ["--remote-only", "--image-label", label]
     for name, value in model_env(c).items():
         command += ["--env", f"{name}={value}"]
-    return command + credentials_flags(c)
+    command += credentials_flags(c)
+    if not image_ref:  # Fly's builder gets the BUILD_* arguments image.build passes, for /health's "build"
+        command += [flag for name, value in image.build_args(c, label).items() for flag in ("--build-arg", f"{name}={value}")]
+    return command
 
 
 def app_url(c: Context) -> str:

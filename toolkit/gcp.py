@@ -45,9 +45,16 @@ def provider_id(c: Context) -> str:
     return c.gcp.wif_provider or f"fly-{c.fly.app}"[:32].rstrip("-")
 
 
-def apis(c: Context, cloudrun: bool, fly: bool) -> list[str]:
-    """The APIs the chosen targets call: Cloud Run and its registry, or Fly's token exchange and impersonation."""
+# Artifact Registry's vulnerability scanning: automatic scans of pushed images, and on-demand scans (image.scan).
+SCANNING_APIS = ["containeranalysis.googleapis.com", "containerscanning.googleapis.com", "ondemandscanning.googleapis.com"]
+
+
+def apis(c: Context, cloudrun: bool, fly: bool, scanning: bool = False) -> list[str]:
+    """The APIs the chosen targets call: Cloud Run and its registry, or Fly's token exchange and impersonation,
+    and with `scanning` Artifact Analysis' scanners."""
     needed = ["iam.googleapis.com"]
+    if scanning:
+        needed += SCANNING_APIS
     if cloudrun:
         needed += ["run.googleapis.com", "artifactregistry.googleapis.com"]
         if c.cloudrun.build == "cloudbuild":
@@ -71,8 +78,8 @@ class Step:
 class Setup:
     """The project's set-up steps, in order, built from config."""
 
-    def __init__(self, c: Context, cloudrun: bool, fly: bool):
-        self.c, self.cloudrun, self.fly = c, cloudrun, fly
+    def __init__(self, c: Context, cloudrun: bool, fly: bool, scanning: bool = False):
+        self.c, self.cloudrun, self.fly, self.scanning = c, cloudrun, fly, scanning
         self.project = c.gcp.project
         self.where = ["--project", self.project]
         self.account = runtime_account(c)
@@ -117,7 +124,7 @@ class Setup:
         return steps
 
     def enable_apis(self) -> Step:
-        needed = apis(self.c, self.cloudrun, self.fly)
+        needed = apis(self.c, self.cloudrun, self.fly, self.scanning)
         listing = ["gcloud", "services", "list", "--enabled", *self.where, "--format=value(config.name)"]
         missing = needed
 
@@ -295,14 +302,16 @@ def check_ready(c: Context, cloudrun: bool, fly: bool, dry_run: bool) -> None:
         "cloudrun": "set up for Cloud Run: run and registry APIs, repository, deployer may act as the runtime "
                     "account (default on; --no-cloudrun for a Fly-only project)",
         "fly": "also let the Fly app read the bucket without a key: workload identity pool, provider, binding",
+        "scanning": "also enable Artifact Registry's vulnerability scanning: automatic on push, and on-demand for "
+                    "`invoke image.scan` (Container Scanning and On-Demand Scanning APIs; billed per image scanned)",
         "dry_run": "print every command instead of running it",
     }
 )
-def setup(c, cloudrun=True, fly=False, dry_run=False):
+def setup(c, cloudrun=True, fly=False, scanning=False, dry_run=False):
     """Make the Google Cloud project ready to deploy: APIs, registry, least-privilege runtime account, Fly trust."""
     dry_run = dry_run or c.config.run.dry
     check_ready(c, cloudrun, fly, dry_run)
-    plan = Setup(c, cloudrun, fly)
+    plan = Setup(c, cloudrun, fly, scanning)
     if fly and not dry_run:
         plan.number = plan.project_number()
     elif fly:

@@ -35,6 +35,7 @@ class SmokeResult:
     request: dict[str, Any] = field(default_factory=dict)
     outputs: dict[str, list[int]] = field(default_factory=dict)  # output name -> shape
     load: dict[str, Any] = field(default_factory=dict)  # the load's final figures: bytes, seconds, rate
+    build: dict[str, Any] = field(default_factory=dict)  # what image serves: /health's revision, version, created
 
 
 class LoadProgress:
@@ -111,6 +112,7 @@ def check(
         try:
             result.health = wait_until_loaded(client, url, started + timeout, progress)
             result.load = load_figures(result.health)
+            result.build = result.health.get("build") or {}
             sha = result.health.get("model", {}).get("sha256")
             if expect_sha256 and sha != expect_sha256:
                 raise SmokeFailure(f"the service runs model sha256 {sha}, expected {expect_sha256}")

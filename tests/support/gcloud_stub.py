@@ -23,6 +23,7 @@ What it serves, with real state (names as in the APIs' v1 discovery documents):
 - Cloud Storage JSON API: buckets get/insert/list, objects get/list/delete and media/multipart/resumable uploads (the
   source tarball of `gcloud builds submit` lands in `PROJECT_cloudbuild`).
 
+- APIs that other modules plug in with `GcloudStub.plug` (the On-Demand Scanning API: `scanning_stub.py`).
 - the project set-up APIs (Resource Manager, Service Usage, Artifact Registry, IAM service accounts and workload
   identity pools, bucket IAM policies) and the "new, empty project" mode: see `gcloud_stub_admin.py`.
 
@@ -64,6 +65,9 @@ STUB_DOMAIN = "stub.invalid"
 NONCE_LABEL = "client.knative.dev/nonce"
 SERVICE_LABEL = "serving.knative.dev/service"
 INVOKER_ROLE = "roles/run.invoker"
+
+# APIs plugged in by other modules (GcloudStub.plug): host name part -> routed to CloudState.extensions.
+EXTENSION_APIS: set[str] = set()
 
 # Statuses gcloud maps to its HttpXxxError classes; the `status` string is what Google puts in the error body.
 _GOOGLE_STATUS = {
@@ -192,6 +196,7 @@ class CloudState:
         self.urls: dict[str | None, str] = {}  # traffic tag (None: the service) -> URL to report, e.g. a local service
         # project set-up: APIs, repositories, service accounts, IAM policies, identity pools (gcloud_stub_admin)
         self.admin = ProjectAdmin(project, project_number, ApiError, self._etag)
+        self.extensions: dict[str, Callable[[RecordedRequest], Any]] = {}  # api -> handler (GcloudStub.plug)
 
     # ---- routing -------------------------------------------------------------------------------------------------
 
@@ -208,6 +213,8 @@ class CloudState:
                 return self._json(self._cloudbuild(request))
             if request.api == "storage":
                 return self._storage(request)
+            if request.api in self.extensions:
+                return self._json(self.extensions[request.api](request))
             if request.api != "other":
                 return self._json(self.admin.handle(request.api, request.method, request.path, request.query,
                                                     request.body))
@@ -1070,7 +1077,7 @@ def _api_of(host: str, path: str) -> str:
     for suffix in (f".{STUB_DOMAIN}", ".googleapis.com"):
         if name.endswith(suffix):
             service = name[: -len(suffix)].rsplit("-", 1)[-1]
-            if service in {"run", "cloudbuild", "storage", *SERVICE_IDS}:
+            if service in {"run", "cloudbuild", "storage", *SERVICE_IDS, *EXTENSION_APIS}:
                 return service
             if service == "www" and path.startswith(("/storage/v1/", "/upload/storage/v1/", "/resumable/upload/")):
                 return "storage"
@@ -1256,6 +1263,12 @@ class GcloudStub:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+    def plug(self, api: str, handler: Callable[[RecordedRequest], Any]) -> None:
+        """Serve one more API: gcloud's endpoint for `api` comes here, and `handler` answers (JSON, or ApiError)."""
+        EXTENSION_APIS.add(api)
+        self.state.extensions[api] = handler
+        self.env[f"CLOUDSDK_API_ENDPOINT_OVERRIDES_{api.upper()}"] = f"http://{api}.{STUB_DOMAIN}/"
 
     # running gcloud
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import base64
 import json
 import string
+import subprocess
 
+from tests.support.models import ROOT
 from tests.toolkit.conftest import SERVICE_KEY
 from tests.toolkit.deploy_helpers import invoke
 
@@ -32,8 +34,13 @@ def test_deploy_uses_the_remote_builder_then_smoke_tests_the_app(fake_flyctl, he
     assert result.returncode == 0, result.stdout + result.stderr
     assert "smoke test passed" in result.stdout
     (deploy,) = deploys(fake_flyctl)
+    build_args = deploy[deploy.index("--build-arg"):]  # what the image's /health shows as "build"
+    deploy = deploy[:deploy.index("--build-arg")]
     assert deploy == ["deploy", "--app", APP, "--config", "fly.toml", "--wait-timeout", "10m", "--remote-only",
                       "--image-label", "v2", "--env", "MODEL_URI=gs://my-models/demo.onnx", *KEYLESS_ENV]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert build_args[0::2] == ["--build-arg"] * 3 and build_args[1].startswith(f"BUILD_REVISION={head}")
+    assert build_args[3] == "BUILD_VERSION=v2" and build_args[5].startswith("BUILD_CREATED=")
     assert not any("GOOGLE_APPLICATION_CREDENTIALS" in arg or "--file-secret" == arg for arg in deploy)  # no key
     commands = [argv[:2] for argv in fake_flyctl.argvs()]
     assert commands.index(["auth", "whoami"]) < commands.index(["status", "--json"]) < commands.index(deploy[:2])
@@ -86,7 +93,7 @@ def test_the_key_secret_is_the_fallback_when_keyless_access_is_not_set_up(fake_f
     result = invoke("deploy", "--target", "fly", "--tag", "v5", **config, fly_url=healthy)
     assert result.returncode == 0, result.stdout + result.stderr
     (deploy,) = deploys(fake_flyctl)
-    assert deploy[-4:] == ["--file-secret", "/secrets/gcp.json=GCP_SA_JSON_B64",
+    assert deploy[:deploy.index("--build-arg")][-4:] == ["--file-secret", "/secrets/gcp.json=GCP_SA_JSON_B64",
                            "--env", "GOOGLE_APPLICATION_CREDENTIALS=/secrets/gcp.json"]
 
 
