@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.model_store import ORT_DTYPES, open_session
+from service.model_store import open_session
 from service.settings import load_settings
+from service.tensors import ORT_DTYPES
 
 _session: Any = None
 _inputs: dict[str, np.dtype] = {}

@@ -13,8 +13,9 @@ from typing import Callable
 import numpy as np
 import orjson
 
-from service.model_store import ORT_DTYPES, open_session
+from service.model_store import open_session
 from service.settings import load_settings
+from service.tensors import ORT_DTYPES
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 
