@@ -41,6 +41,7 @@ from toolkit.compare import CompareError, LoadedModel, Thresholds
 # Operators int8 makes cheaper: the ones that carry weights. Other operators in onnxruntime's registries (Relu,
 # Reshape, ...) are quantized only around these.
 WEIGHTED_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "LSTM", "EmbedLayerNormalization", "Gather"}
+ONE_FILE_LIMIT = 2**31 - 2**24  # protobuf's 2 GB cap on one message, less room for the graph itself
 GS_OUT = re.compile(r"^gs://(?P<bucket>[a-z0-9][a-z0-9._-]{1,221}[a-z0-9])/(?P<name>[^#]+)$")
 
 
@@ -355,8 +356,10 @@ def optimize_model(
         else:
             calibration_bodies = compare.seeded_requests(original, original, compare.SEEDED_REQUESTS, compare.SEED)
             calibration_source = f"{len(calibration_bodies)} seeded request(s), as model.compare makes them"
-        ops = {node.op_type for node in onnx.load(str(source), load_external_data=False).graph.node}
-        job = Job(source, ops, [original.feeds(body) for body in calibration_bodies], calibration_source)
+        graph = onnx.load(str(source), load_external_data=False).graph
+        ops = {node.op_type for node in graph.node}
+        job = Job(one_file(source, graph, original.store.status.size_bytes, work), ops,
+                  [original.feeds(body) for body in calibration_bodies], calibration_source)  # fmt: skip
         original_batching = batching(original)
 
         judged: list[Candidate] = []
@@ -372,12 +375,16 @@ def optimize_model(
                 candidate.not_made = f"onnxruntime could not make it ({type(exc).__name__}: {_first_line(exc)})"
             if candidate.not_made:
                 continue
-            candidate.path = path
-            candidate.report = compare.compare_models(
-                str(path), str(source), samples=samples, thresholds=thresholds, baseline_sha256=original.store.status.sha256,
-                speed_seconds=speed_seconds,
-            )  # fmt: skip
-            loaded = compare.load_model("candidate", str(path), "", "", work / "loaded" / name)
+            try:
+                report = compare.compare_models(
+                    str(path), str(source), samples=samples, thresholds=thresholds,
+                    baseline_sha256=original.store.status.sha256, speed_seconds=speed_seconds,
+                )  # fmt: skip
+                loaded = compare.load_model("candidate", str(path), "", "", work / "loaded" / name)
+            except CompareError as exc:  # made, but not servable: that candidate is out, the others go on
+                candidate.not_made = f"made, but {exc}"
+                continue
+            candidate.path, candidate.report = path, report
             candidate.batching = batching(loaded)
             candidate.served_ratio = served_ratio(candidate, original_batching["enabled"])
 
@@ -387,6 +394,20 @@ def optimize_model(
         document = build_document(original, original_batching, job, bodies, samples, thresholds, judged, chosen,
                                   written)  # fmt: skip
     return OptimizeReport(document, judged)
+
+
+def one_file(source: Path, graph: Any, size_bytes: int, work: Path) -> Path:
+    """The model as a single file to make candidates from, so that each candidate is one file (the one `--out`
+    names) rather than a graph that points at data files it does not carry. A model over protobuf's 2 GB cannot be
+    one file: it is left as it is, and the tools say so in the candidates' rows."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    if size_bytes >= ONE_FILE_LIMIT or not any(uses_external_data(t) for t in graph.initializer):
+        return source
+    single = work / "original-one-file.onnx"
+    onnx.save(onnx.load(str(source)), str(single))
+    return single
 
 
 def write_chosen(chosen: Candidate, out: str, model_path: Path | None) -> dict[str, Any]:

@@ -174,6 +174,23 @@ def test_a_model_whose_operators_int8_does_not_cover_says_so_and_keeps_the_exact
     assert document["chosen"]["candidate"] == "optimized" and sha256(out) == document["chosen"]["sha256"]
 
 
+def test_a_model_with_external_data_files_gives_candidates_of_one_file(tmp_path):
+    from tests.support.zoo import external_data_model
+
+    model = external_data_model(tmp_path / "model", megabytes=0.5)  # model.onnx, model.onnx.data, weights/w2.bin
+    out = tmp_path / "out" / "one.onnx"
+    out.parent.mkdir()
+
+    report = optimize_model(str(model), out=str(out), candidates=["optimized", "int8-static"], **FAST)
+
+    assert report.ok, report.text()
+    assert [row["verdict"] for row in report.document["candidates"]] == ["pass", "pass"]
+    assert list(out.parent.iterdir()) == [out]  # one file, which onnxruntime opens on its own
+    assert sha256(out) == report.document["chosen"]["sha256"]
+    features = np.ones((2, 8), np.float32)
+    assert reference_outputs(out, {"features": features})[0].shape == reference_outputs(model, {"features": features})[0].shape
+
+
 # --- bad input: a clear error, exit 2, no traceback, nothing written -------------------------------------------
 
 
