@@ -339,8 +339,8 @@ def optimize_model(
     except ValueError as exc:
         raise OptimizeError(f"--model {model_uri}: {exc}") from None
     local_model = None if model_uri.startswith("gs://") else Path(model_uri).expanduser()
-    if out:  # checked before the download and the slow part; a default out is checked once the name is known
-        parse_out(out, local_model)
+    # Checked before the download and the slow part (a default out: its folder, the one every candidate's name shares).
+    parse_out(out or default_out(model_uri, names[0]), local_model)
     onnxruntime.set_default_logger_severity(4)
     with tempfile.TemporaryDirectory(prefix="model-optimize-") as work_dir:
         work = Path(work_dir)

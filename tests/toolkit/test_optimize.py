@@ -233,6 +233,18 @@ def test_an_out_it_cannot_write_is_refused_before_any_work(mlp, tmp_path, where)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+def test_the_default_out_is_beside_the_model_named_after_the_candidate(tmp_path):
+    model = two_input_model(tmp_path / "scale.onnx")
+
+    done = run_optimize("--model", str(model), "--candidates", "optimized", "--json")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    chosen = json.loads(done.stdout)["chosen"]
+    written = tmp_path / "scale.optimized.onnx"
+    assert chosen["out"] == str(written) and sha256(written) == chosen["sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scale.onnx", "scale.optimized.onnx"]
+
+
 # --- gs:// out: uploaded with its generation, served from there ---------------------------------------------------
 
 
