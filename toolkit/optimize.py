@@ -612,7 +612,7 @@ def optimize(
     c, model="", samples="", calibration="", max_abs_diff=None, min_agreement=None, max_latency_ratio=None, out="",
     candidates="", speed_seconds=None, json=False,
 ):  # fmt: skip
-    """Make cheaper versions of a model, judge each as model.compare does, and write the fastest that holds the gates."""
+    """Make cheaper versions of a model, judge each as model.compare does, and write the fastest that passes."""
     try:
         thresholds = compare.thresholds_from_flags(c, max_abs_diff, min_agreement, max_latency_ratio)
         seconds = compare.parse_threshold("--speed-seconds", speed_seconds)
@@ -624,7 +624,8 @@ def optimize(
         report = optimize_model(
             model, model_sha256=sha256, samples=samples, calibration=calibration,
             thresholds=thresholds, out=out or str(c.optimize.out or ""),
-            candidates=parse_candidates(candidates or c.optimize.candidates), speed_seconds=seconds or compare.SPEED_SECONDS,
+            candidates=parse_candidates(candidates or c.optimize.candidates),
+            speed_seconds=seconds or compare.SPEED_SECONDS,
         )  # fmt: skip
     except CompareError as exc:
         if json:

@@ -20,6 +20,7 @@ def test_bench_optimize_prints_both_tables():
     sections = done.stdout.split("\n## ")[1:]
     assert [s.split(" ", 1)[0] for s in sections] == ["MLP", "CNN"]
     for section in sections:
-        rows = [line.split()[0] for line in section.splitlines() if line.startswith("  ") and ("MB" in line or "kB" in line)]
+        lines = section.splitlines()
+        rows = [line.split()[0] for line in lines if line.startswith("  ") and ("MB" in line or "kB" in line)]
         assert {"original", "optimized", "int8-dynamic", "int8-static"} <= set(rows)
         assert "PASS: " in section and "invoke release --target cloudrun" in section
