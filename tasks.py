@@ -2,7 +2,7 @@
 
 from invoke import Collection
 
-from toolkit import compare, deps, fly, gcp, image, local, scan, smoke
+from toolkit import compare, deps, fly, gcp, image, local, optimize, scan, smoke
 from toolkit.defaults import DEFAULTS
 from toolkit.bench import bench
 from toolkit.deploy import deploy, render, rollback
@@ -16,5 +16,5 @@ ns.add_collection(Collection(deps.lock, deps.check, deps.audit), name="deps")
 ns.add_collection(Collection(local.stop), name="local")
 ns.add_collection(Collection(fly.credentials, fly.api_key), name="fly")
 ns.add_collection(Collection(gcp.setup), name="gcp")
-ns.add_collection(Collection(compare.compare), name="model")
+ns.add_collection(Collection(compare.compare, optimize.optimize), name="model")
 ns.configure(DEFAULTS)

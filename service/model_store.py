@@ -125,6 +125,7 @@ class ModelStore:
         self.inputs: tuple[TensorSpec, ...] = ()
         self.outputs: tuple[TensorSpec, ...] = ()
         self.example: dict[str, np.ndarray] | None = None  # an input the model ran at warm-up
+        self.path: Path | None = None  # the local file the session was opened from (the cached download)
         self.loaded = threading.Event()  # set when the load ends, either way
         # Steps others add to the load, run after the warm-up and before the model is reported ready (the
         # batching self-test): (step name shown on /health, callable). They must not raise.
@@ -184,6 +185,7 @@ class ModelStore:
             mark = status.timed("verify", mark)
             status.step = "opening session"
             session = open_session(fetched.path, self.settings, external_data=bool(fetched.data_files))
+            self.path = fetched.path
             mark = status.timed("session", mark)
             self.inputs = tuple(TensorSpec.of(arg) for arg in session.get_inputs())
             self.outputs = tuple(TensorSpec.of(arg) for arg in session.get_outputs())

@@ -72,6 +72,16 @@ def thresholds_from_config(c: Any) -> Thresholds:
     )
 
 
+def thresholds_from_flags(c: Any, max_abs_diff: Any, min_agreement: Any, max_latency_ratio: Any) -> Thresholds:
+    """The gates of a task: each flag given wins, the others come from invoke.yaml (thresholds_from_config)."""
+    configured = thresholds_from_config(c)
+    flags = {"max_abs_diff": max_abs_diff, "min_agreement": min_agreement, "max_latency_ratio": max_latency_ratio}
+    return Thresholds(**{
+        name: getattr(configured, name) if value is None else parse_threshold(f"--{name.replace('_', '-')}", value)
+        for name, value in flags.items()
+    })  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Loading: the service's own ModelStore, run to the end in this process.
 
@@ -719,12 +729,7 @@ def compare(
     import json as json_module
 
     try:
-        configured = thresholds_from_config(c)
-        flags = {"max_abs_diff": max_abs_diff, "min_agreement": min_agreement, "max_latency_ratio": max_latency_ratio}
-        thresholds = Thresholds(**{
-            name: getattr(configured, name) if value is None else parse_threshold(f"--{name.replace('_', '-')}", value)
-            for name, value in flags.items()
-        })  # fmt: skip
+        thresholds = thresholds_from_flags(c, max_abs_diff, min_agreement, max_latency_ratio)
         seconds = parse_threshold("--speed-seconds", speed_seconds) or SPEED_SECONDS
         if not baseline:
             baseline, baseline_sha256 = str(c.model.uri), baseline_sha256 or str(c.model.sha256 or "")

@@ -85,6 +85,12 @@ DEFAULTS = {
         "monitoring_endpoint": "https://monitoring.googleapis.com",  # Cloud Monitoring's REST API (tests: a stand-in)
         "record": "",  # the invoke.yaml whose model.uri/sha256 a release updates; empty: `-f FILE`, else the project's
     },
+    "optimize": {
+        # `invoke model.optimize` (docs/optimizing.md); its gates are release.max_abs_diff and friends above
+        "out": "",  # where the chosen model goes (local path or gs://); empty: beside the model, NAME.CANDIDATE.onnx
+        "candidates": "optimized,int8-dynamic,int8-static",  # which to try (toolkit/optimize.py CANDIDATES)
+        "speed_seconds": 2.0,  # seconds of each of the single-row and 64-row timings, per candidate
+    },
     "smoke": {
         "timeout": 600,
         "sample": "",  # JSON file with a request body; empty: built from the model's /metadata

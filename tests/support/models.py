@@ -86,6 +86,36 @@ def mlp_model(path: Path, widths: tuple[int, ...] = (256, 1024, 1024, 16), seed:
     return _save(graph, path)
 
 
+def cnn_model(path: Path, size: int = 32, channels: tuple[int, ...] = (16, 32), classes: int = 10, seed: int = 0) -> Path:
+    """A small convolutional classifier: image float32 [N, 3, size, size] -> scores float32 [N, classes]: per
+    channel width a 3x3 Conv (stride 2 after the first) and Relu, then global average pooling and a MatMul + Add."""
+    rng = np.random.default_rng(seed)
+    nodes, initializers, current, n_in = [], [], "image", 3
+    for layer, n_out in enumerate(channels):
+        weights = (rng.standard_normal((n_out, n_in, 3, 3)) * np.sqrt(2 / (n_in * 9))).astype(np.float32)
+        initializers += [numpy_helper.from_array(weights, f"k{layer}"),
+                         numpy_helper.from_array((rng.standard_normal(n_out) * 0.1).astype(np.float32), f"c{layer}")]  # fmt: skip
+        stride = 1 if layer == 0 else 2
+        nodes += [helper.make_node("Conv", [current, f"k{layer}", f"c{layer}"], [f"conv{layer}"], kernel_shape=[3, 3],
+                                   pads=[1, 1, 1, 1], strides=[stride, stride]),
+                  helper.make_node("Relu", [f"conv{layer}"], [f"act{layer}"])]  # fmt: skip
+        current, n_in = f"act{layer}", n_out
+    dense = (rng.standard_normal((n_in, classes)) * np.sqrt(2 / n_in)).astype(np.float32)
+    initializers += [numpy_helper.from_array(dense, "dense"), numpy_helper.from_array(np.zeros(classes, np.float32), "bias")]
+    nodes += [helper.make_node("GlobalAveragePool", [current], ["pooled"]),
+              helper.make_node("Flatten", ["pooled"], ["flat"]),
+              helper.make_node("MatMul", ["flat", "dense"], ["logits"]),
+              helper.make_node("Add", ["logits", "bias"], ["scores"])]  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "cnn",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", classes])],
+        initializer=initializers,
+    )
+    return _save(graph, path)
+
+
 def _save(graph: onnx.GraphProto, path: Path) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
