@@ -43,6 +43,7 @@ MOUNT = "/models"
 GROWTH = 0.05  # a step that adds less than 5% throughput over the best so far ends the sweep
 SATURATED = 0.9  # the load generator used 90% of its CPU: its figure is a lower bound
 SAMPLE_EVERY = 0.2  # seconds between the container's CPU and memory readings
+URL_WAIT = 20.0  # seconds --url waits for the service to answer /health with the model loaded
 
 
 class TuneError(Exception):
@@ -761,7 +762,7 @@ def _tune_url(c: Context, plan: Plan, url: str, samples: str, shapes: str, token
     shape = plan.shapes[0]
     with httpx.Client(timeout=10, headers=plan.headers) as client:
         try:
-            health = smoke.wait_until_loaded(client, url, time.monotonic() + 60, progress)
+            health = smoke.wait_until_loaded(client, url, time.monotonic() + URL_WAIT, progress)
             metadata = smoke.get_json(client, f"{url}/metadata")
         except smoke.SmokeFailure as exc:
             raise TuneError(f"{url} is not serving: {exc}; check the URL, and deploy first") from None
