@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -40,7 +41,8 @@ from toolkit.sizing import Shape, Step
 ROOT = Path(__file__).resolve().parent.parent
 LABEL = "org.onnx-serve.tune"  # on every container tune starts, so that none is ever left behind unnoticed
 MOUNT = "/models"
-GROWTH = 0.05  # a step that adds less than 5% throughput over the best so far ends the sweep
+GROWTH = 0.05  # two steps in a row that add less than 5% throughput over the best so far end the sweep
+PATIENCE = 2  # (one such step may be noise on a busy machine)
 SATURATED = 0.9  # the load generator used 90% of its CPU: its figure is a lower bound
 SAMPLE_EVERY = 0.2  # seconds between the container's CPU and memory readings
 URL_WAIT = 20.0  # seconds --url waits for the service to answer /health with the model loaded
@@ -136,7 +138,8 @@ def prepare_model(uri: str, sha256: str, samples: str, cache_dir: Path) -> Model
                             "--samples with /predict bodies this model takes (its /metadata lists the inputs)") from None
     status = loaded.store.status
     path = local.resolve() if local else _downloaded(cache_dir, uri)
-    return Model(uri, status.sha256, path.parent, path.name, bodies, loaded.store.metadata())
+    folder = stage(path, [f["name"] for f in status.data_files], cache_dir / "mounted")
+    return Model(uri, status.sha256, folder, path.name, bodies, loaded.store.metadata())
 
 
 def _downloaded(cache_dir: Path, uri: str) -> Path:
@@ -145,6 +148,26 @@ def _downloaded(cache_dir: Path, uri: str) -> Path:
     if not found:
         raise TuneError(f"the download of {uri} left no {name} under {cache_dir}")
     return found[0]
+
+
+def stage(path: Path, data_files: list[str], folder: Path) -> Path:
+    """The model (and its external data files) in a folder of its own, under the run's temporary folder, that the
+    image's unprivileged user may read: hard links to files others may read already, else copies. The model's own
+    folder may be private (mode 0700), and so is the temporary folder until now."""
+    folder.mkdir(parents=True)
+    for name in [path.name, *data_files]:
+        source, target = path.parent / name, folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if not source.stat().st_mode & 0o004:
+                raise PermissionError("others may not read it")
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+            target.chmod(0o644)
+    for directory in [folder.parent, folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        directory.chmod(0o755)
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,8 +263,13 @@ class Containers:
             self.names.remove(name)
 
     def remove_all(self) -> None:
+        """Every container of this run, by name and by label: an interrupt during `docker run` may leave the engine
+        creating one after its name was removed."""
         for name in list(self.names):
             self.remove(name)
+        labelled = self.docker("ps", "--all", "--quiet", "--filter", f"label={LABEL}={self.run_id}", check=False)
+        for container in labelled.stdout.split():
+            self.docker("rm", "--force", container, check=False)
 
 
 def bridge_network() -> bool:
@@ -392,16 +420,19 @@ async def _url_load(url: str, bodies: list[dict], clients: int, plan: Plan) -> d
 
 def sweep(plan: Plan, measure: Callable[[int], Step], show: Callable[[Step], None]) -> list[Step]:
     """Concurrency 1, 2, 4, ... (or plan.levels) until p99 passes the objective, an error comes back or throughput
-    grows less than GROWTH over the best step so far."""
+    grows less than GROWTH over the best step so far PATIENCE steps in a row."""
     steps: list[Step] = []
-    best = 0.0
+    best, flat = 0.0, 0
     for level in concurrencies(plan):
         step = measure(level)
         steps.append(step)
         show(step)
         if plan.levels:
             continue
-        if not sizing.meets(step, plan.p99_ms) or step.rps < best * (1 + GROWTH):
+        if not sizing.meets(step, plan.p99_ms):
+            break
+        flat = flat + 1 if step.rps < best * (1 + GROWTH) else 0
+        if flat >= PATIENCE:
             break
         best = max(best, step.rps)
     return steps
