@@ -98,6 +98,9 @@ DEFAULTS = {
         "fly_shapes": "shared-cpu-2x:2gb,performance-1x:2gb",  # VM size:memory
         "samples": "",  # JSONL of /predict bodies; empty: the seeded requests model.compare makes from the metadata
         "image": "",  # empty: the image `invoke image.build` makes for this commit
+        # auto: Docker when an engine answers, else the service under gunicorn in a cgroup per shape (root);
+        # docker or process to insist on one
+        "runtime": "auto",
         "step_seconds": 5,  # each concurrency step is measured this long...
         "warmup_seconds": 1,  # ...after this much load that does not count
         "max_concurrency": 256,  # the sweep stops here at the latest

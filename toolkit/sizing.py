@@ -166,7 +166,8 @@ class Step:
         return {"concurrency": self.concurrency, "rps": round(self.rps, 1), "p50_ms": round(self.p50_ms, 2),
                 "p99_ms": round(self.p99_ms, 2), "errors": self.errors,
                 "cpu_util": None if self.cpu_util is None else round(self.cpu_util, 3),
-                "peak_rss_bytes": self.peak_rss_bytes, "lower_bound": self.lower_bound}  # fmt: skip
+                "peak_rss_bytes": self.peak_rss_bytes, "lower_bound": self.lower_bound,
+                **({"notes": self.notes} if self.notes else {})}  # fmt: skip
 
 
 def meets(step: Step, p99_ms: float) -> bool:

@@ -45,6 +45,7 @@ GROWTH = 0.05  # two steps in a row that add less than 5% throughput over the be
 PATIENCE = 2  # (one such step may be noise on a busy machine)
 SATURATED = 0.9  # the load generator used 90% of its CPU: its figure is a lower bound
 SAMPLE_EVERY = 0.2  # seconds between the container's CPU and memory readings
+UNCONFINED = "this machine as it is: no Docker, no cgroup, so no CPU quota or memory limit"
 URL_WAIT = 20.0  # seconds --url waits for the service to answer /health with the model loaded
 
 
@@ -66,6 +67,7 @@ class Plan:
     max_concurrency: int
     levels: list[int]  # fixed concurrencies to measure, instead of the doubling sweep
     image: str = ""
+    unconfined: bool = False  # no Docker, no cgroup: this machine as it is, said on every line
     url: str = ""
     headers: dict[str, str] = field(default_factory=dict)
 
@@ -509,12 +511,14 @@ def measure_shape(plan: Plan, model: Model, shape: Shape, containers: Containers
         check_bodies(f"http://127.0.0.1:{port}", model.bodies, {})
         containers.limit(name, shape, placement)
         try:
-            reader = CgroupReader(containers.pid(name))
+            reader = CgroupReader(containers.pid(name)) if getattr(containers, "confined", True) else None
         except OSError:
             reader = None
         bodies = [request_bytes("POST", "/predict", json.dumps(b).encode()) for b in model.bodies]
         notes = placement.notes(shape)
-        if reader is None:
+        if not getattr(containers, "confined", True):
+            notes.append("no cgroup holds the service: no CPU or memory figures")
+        elif reader is None:
             notes.append("the container's cgroup could not be read from here: no CPU or memory figures")
         for note in notes:
             progress(f"  {shape.name}: {note}")
@@ -532,7 +536,8 @@ def measure_shape(plan: Plan, model: Model, shape: Shape, containers: Containers
                 step.notes.append("the container stopped" + (" (out of memory)" if state.get("OOMKilled") else ""))
             return step
 
-        steps = sweep(plan, measure, lambda s: progress(describe_step(shape.name, s)))
+        suffix = f"  [{UNCONFINED}]" if plan.unconfined else ""
+        steps = sweep(plan, measure, lambda s: progress(describe_step(shape.name, s, suffix)))
     finally:
         containers.remove(name)
     return {"shape": shape, "steps": steps, "notes": notes, "placement": placement,
@@ -608,8 +613,9 @@ def render_text(document: dict) -> str:
             memory = "-" if step["peak_rss_bytes"] is None else f"{step['peak_rss_bytes'] / sizing.MIB:.0f}"
             mark = " *" if shape["recommended"] and step["concurrency"] == shape["recommended"]["concurrency"] else ""
             lower = "  (lower bound)" if step["lower_bound"] else ""
+            unconfined = f"  [{UNCONFINED}]" if document["run"].get("unconfined") else ""
             lines.append(f"  {step['concurrency']:>11} {step['rps']:>9.1f} {step['p50_ms']:>9.2f} {step['p99_ms']:>9.2f} "
-                         f"{step['errors']:>7} {cpu:>4} {memory:>9}{mark}{lower}")  # fmt: skip
+                         f"{step['errors']:>7} {cpu:>4} {memory:>9}{mark}{lower}{unconfined}")  # fmt: skip
         for note in shape["notes"]:
             lines.append(f"  note: {note}")
         if shape.get("burst"):
@@ -683,12 +689,15 @@ def machine_figures() -> dict[str, Any]:
         "token": "bearer token for --url (private services)",
         "identity_token": "send `gcloud auth print-identity-token` with --url (private Cloud Run services)",
         "api_key": "the service's API key for --url (default: smoke.api_key, else $ONNX_SERVE_API_KEY)",
+        "unconfined": "without Docker and root: run the service on this machine as it is (no CPU quota or memory "
+                      "limit; every figure says so)",
     },
     optional=["plot"],
 )
 def tune(
     c, target="", model="", image="", samples="", p99_ms=None, shapes="", levels="", step_seconds=None,
     warmup_seconds=None, json=False, write=False, plot=None, out="", url="", token="", identity_token=False, api_key="",
+    unconfined=False,
 ):  # fmt: skip
     """Measure each instance shape under load, recommend its settings and print the price of a million predictions."""
     t = c.tune
@@ -697,7 +706,7 @@ def tune(
         raise Exit(f"--target {target!r}: tune sizes for cloudrun or fly")
     progress = (lambda line: print(line, file=sys.stderr, flush=True)) if json else (lambda line: print(line, flush=True))
     run_id = uuid.uuid4().hex[:8]
-    containers = Containers(c, run_id)
+    runners: list[Any] = []  # what started services: Containers or tune_process.Processes
     started = time.monotonic()
     try:
         table = prices.price_table(t.prices)
@@ -709,20 +718,23 @@ def tune(
             warmup_seconds=float(warmup_seconds if warmup_seconds is not None else t.warmup_seconds),
             max_concurrency=int(t.max_concurrency),
             levels=parse_levels(levels or t.levels),
+            unconfined=unconfined,
         )
         if url:
             document = _tune_url(c, plan, url.rstrip("/"), samples or t.samples, shapes, token, identity_token,
                                  api_key, table, progress)  # fmt: skip
         else:
-            document = _tune_containers(c, plan, model or str(c.model.uri), image, samples or t.samples, table,
-                                        containers, progress, run_id)  # fmt: skip
+            document = _tune_local(c, plan, model or str(c.model.uri), image, samples or t.samples, table, runners,
+                                   progress, run_id)  # fmt: skip
     except TuneError as exc:
         raise Exit(f"tune: {exc}", code=2) from None
     except KeyboardInterrupt:
-        containers.remove_all()
-        raise Exit("tune: interrupted; every container it started is removed", code=130) from None
+        for runner in runners:
+            runner.remove_all()
+        raise Exit("tune: interrupted; every container (or service) it started is removed", code=130) from None
     finally:
-        containers.remove_all()
+        for runner in runners:
+            runner.remove_all()
     document["run"]["seconds"] = round(time.monotonic() - started, 1)
     out_path = Path(out or t.out or ROOT / "build" / "tune" / f"tune-{target}.json")
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -748,32 +760,64 @@ def tune(
         raise Exit(code=1)
 
 
-def _tune_containers(c: Context, plan: Plan, uri: str, image: str, samples: str, table: dict,
-                     containers: Containers, progress: Callable[[str], None], run_id: str) -> dict:  # fmt: skip
-    if not docker_image.engine_answers(c):
+def _runner(c: Context, plan: Plan, image: str, run_id: str, work: Path) -> tuple[Any, str]:
+    """Docker when an engine answers (tune.runtime auto or docker), else the service under gunicorn in a cgroup per
+    shape (root), else, with --unconfined, on this machine as it is; and how the run says where it measured."""
+    from toolkit import tune_process
+
+    runtime = str(c.tune.runtime)
+    if runtime not in ("auto", "docker", "process"):
+        raise TuneError(f"tune.runtime is {runtime!r}: use auto, docker or process")
+    if runtime != "process" and docker_image.engine_answers(c):
+        containers = Containers(c, run_id)
+        plan.image = image or c.tune.image or docker_image.image_ref(c, "local", docker_image.default_tag(c))
+        if containers.docker("image", "inspect", plan.image, check=False).returncode != 0:
+            raise TuneError(f"no image {plan.image} in the Docker engine: build it with `invoke image.build`, or pass "
+                            "--image")
+        return containers, "Docker on this machine: each shape's CPU quota on this machine's CPU, not a platform host"
+    if runtime == "docker":
         raise TuneError("no Docker engine answers: start Docker (or point DOCKER_HOST at one), or measure a deployed "
                         "service with --url")
-    plan.image = image or c.tune.image or docker_image.image_ref(c, "local", docker_image.default_tag(c))
-    if containers.docker("image", "inspect", plan.image, check=False).returncode != 0:
-        raise TuneError(f"no image {plan.image} in the Docker engine: build it with `invoke image.build`, or pass "
-                        "--image")
+    fix = ("start Docker (or point DOCKER_HOST at one), run as root so that cgroups can limit the service, measure a "
+           "deployed service with --url, or pass --unconfined to measure this machine as it is")
+    if plan.unconfined:
+        return tune_process.Processes(run_id, ROOT, work, confined=False), UNCONFINED
+    if os.geteuid() != 0:
+        raise TuneError(f"no Docker engine answers and this user is not root, so nothing can hold the service to a "
+                        f"shape: {fix}")
+    try:
+        tune_process.Cgroup(f"onnx-serve-tune-{run_id}-probe").remove()
+    except tune_process.CgroupUnavailable as exc:
+        raise TuneError(f"no Docker engine answers and {exc}: {fix}") from None
+    return (tune_process.Processes(run_id, ROOT, work, confined=True),
+            "gunicorn from this checkout in a cgroup per shape (no Docker): the shape's CPU quota on this machine's CPU")
+
+
+def _tune_local(c: Context, plan: Plan, uri: str, image: str, samples: str, table: dict, runners: list[Any],
+                progress: Callable[[str], None], run_id: str) -> dict:  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="onnx-serve-tune-") as cache:
-        progress(f"loading {uri} and checking the request bodies ...")
-        model = prepare_model(uri, str(c.model.sha256 or "") if uri == str(c.model.uri) else "", samples, Path(cache))
-        network = "bridge" if bridge_network() else "host"
-        cpus = sorted(os.sched_getaffinity(0))
-        progress(f"model sha256 {model.sha256[:12]}, {len(model.bodies)} request bodies; image {plan.image}; "
-                 f"{len(plan.shapes)} shape(s), p99 objective {plan.p99_ms:g} ms")  # fmt: skip
-        results = []
-        for shape in plan.shapes:
-            progress(f"{shape.name}: starting the container ...")
-            result = measure_shape(plan, model, shape, containers, cpus, network, progress)
-            result["recommendation"] = sizing.recommend(shape, result["steps"], plan.p99_ms)
-            results.append(result)
+        runner, where = _runner(c, plan, image, run_id, Path(cache))
+        runners.append(runner)
+        try:
+            progress(f"loading {uri} and checking the request bodies ...")
+            model = prepare_model(uri, str(c.model.sha256 or "") if uri == str(c.model.uri) else "", samples,
+                                  Path(cache))  # fmt: skip
+            network = "bridge" if isinstance(runner, Containers) and bridge_network() else "host"
+            cpus = sorted(os.sched_getaffinity(0))
+            progress(f"model sha256 {model.sha256[:12]}, {len(model.bodies)} request bodies; {where}; "
+                     f"{len(plan.shapes)} shape(s), p99 objective {plan.p99_ms:g} ms")  # fmt: skip
+            results = []
+            for shape in plan.shapes:
+                progress(f"{shape.name}: starting the service ...")
+                result = measure_shape(plan, model, shape, runner, cpus, network, progress)
+                result["recommendation"] = sizing.recommend(shape, result["steps"], plan.p99_ms)
+                results.append(result)
+        finally:
+            runner.remove_all()  # before the folder the model is mounted from goes
     run = {"id": run_id, "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-           "model": model.uri, "model_sha256": model.sha256, "image": plan.image, "samples": samples or "seeded",
-           "step_seconds": plan.step_seconds, "warmup_seconds": plan.warmup_seconds, "machine": machine_figures(),
-           "where": "Docker on this machine: each shape's CPU quota on this machine's CPU, not a platform host",
+           "model": model.uri, "model_sha256": model.sha256, "image": plan.image or None,
+           "samples": samples or "seeded", "step_seconds": plan.step_seconds, "warmup_seconds": plan.warmup_seconds,
+           "machine": machine_figures(), "where": where, "unconfined": plan.unconfined,
            "loadgen": "bench/loadgen.py (asyncio raw-socket HTTP/1.1 keep-alive, closed loop), pinned"}  # fmt: skip
     return build_document(c, plan, model, results, table, run)
 

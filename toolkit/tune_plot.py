@@ -26,8 +26,11 @@ def plot(document: dict, path: Path) -> Path:
         if not steps:
             continue
         levels = [s["concurrency"] for s in steps]
-        (line,) = rps_axis.plot(levels, [s["rps"] for s in steps], marker="o", label=shape["name"])
-        p99_axis.plot(levels, [s["p99_ms"] for s in steps], marker="o", color=line.get_color(), label=shape["name"])
+        # a shape whose load generator saturated or shared its CPUs: dashed, and said in the legend
+        lower = any(s["lower_bound"] for s in steps)
+        label, style = (f"{shape['name']} (lower bound)", "--") if lower else (shape["name"], "-")
+        (line,) = rps_axis.plot(levels, [s["rps"] for s in steps], style, marker="o", label=label)
+        p99_axis.plot(levels, [s["p99_ms"] for s in steps], style, marker="o", color=line.get_color(), label=label)
         rec = shape.get("recommended")
         if rec:
             star = shape["name"] == chosen

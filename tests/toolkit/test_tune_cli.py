@@ -4,10 +4,14 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+from pathlib import Path
 
 import pytest
 
 from tests.image.tasks_cli import run_invoke
+from tests.support.external import missing_tool
 from tests.support.ports import free_port
 from tests.toolkit.conftest import SERVICE_KEY
 
@@ -38,7 +42,40 @@ def test_bad_settings_are_refused_before_anything_runs(args, expected):
 
 
 def test_without_a_docker_engine_the_fix_is_named():
-    refused(run_invoke("tune", "--shapes", "1:2Gi", env=NO_ENGINE), "no Docker engine answers", "--url")
+    refused(run_invoke("tune", "--shapes", "1:2Gi", env=NO_ENGINE, TUNE_RUNTIME="docker"), "no Docker engine answers",
+            "--url")
+
+
+def cgroups_left() -> list[str]:
+    return [str(p) for p in Path("/sys/fs/cgroup").glob("**/onnx-serve-tune-*") if p.is_dir()]
+
+
+@pytest.mark.slow
+def test_without_docker_root_runs_the_service_in_a_cgroup_per_shape(tmp_path):
+    if os.geteuid() != 0:
+        missing_tool("limiting the service with a cgroup needs root")
+    done = run_invoke("tune", "--shapes", "1:2Gi", "--levels", "1,8", "--step-seconds", "1.5", "--warmup-seconds", "0.5",
+                      "--json", "--out", str(tmp_path / "t.json"), env=NO_ENGINE, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    document = json.loads(done.stdout)
+    assert "cgroup" in document["run"]["where"] and document["run"]["unconfined"] is False
+    for step in document["shapes"][0]["steps"]:
+        assert step["rps"] > 0 and step["errors"] == 0
+        # figures from the service's own cgroup: at most the shape's one CPU, a working set of a few tens of MiB
+        assert 0 < step["cpu_util"] <= 1.2 and 20 * 2**20 < step["peak_rss_bytes"] < 2**30
+    assert cgroups_left() == []
+
+
+@pytest.mark.slow
+def test_unconfined_figures_say_so_on_every_line(tmp_path):
+    done = run_invoke("tune", "--shapes", "1:2Gi", "--levels", "1,4", "--step-seconds", "1", "--warmup-seconds", "0.3",
+                      "--unconfined", "--out", str(tmp_path / "t.json"), env=NO_ENGINE, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line for line in done.stdout.splitlines()
+            if re.search(r"\bc=\d", line) or re.match(r"\s+\d+\s+\d+\.\d\s", line)]  # fmt: skip
+    assert len(rows) == 4, done.stdout  # two progress lines, two table rows
+    assert all("this machine as it is" in row for row in rows), rows
+    assert json.loads((tmp_path / "t.json").read_text())["run"]["unconfined"] is True
 
 
 def test_a_url_that_does_not_answer_fails_with_the_fix(tmp_path):
