@@ -564,7 +564,9 @@ def price_shape(c: Context, table: dict, shape: Shape, result: dict[str, Any]) -
         return {}
     if shape.target == "cloudrun":
         memory = sizing.parse_memory(rec["settings"]["memory"], "memory") / sizing.GIB
-        figures = {f"{billing}_{tier}": round(prices.cloudrun_per_million(table, tier, billing, shape.vcpus, memory, rps), 4)
+        rates = {"request": rec["point"]["billed_rps"], "instance": rps}  # instance-based bills idle time too
+        figures = {f"{billing}_{tier}": round(prices.cloudrun_per_million(table, tier, billing, shape.vcpus, memory,
+                                                                          rates[billing]), 4)
                    for tier in ("tier1", "tier2") for billing in ("request", "instance")}  # fmt: skip
         tier = prices.cloudrun_tier(table, str(c.gcp.region))
         request, instance = figures[f"request_{tier}"], figures[f"instance_{tier}"]
@@ -689,6 +691,8 @@ def machine_figures() -> dict[str, Any]:
         "token": "bearer token for --url (private services)",
         "identity_token": "send `gcloud auth print-identity-token` with --url (private Cloud Run services)",
         "api_key": "the service's API key for --url (default: smoke.api_key, else $ONNX_SERVE_API_KEY)",
+        "reprice": "recommend and price a saved run again (its JSON) without measuring: after a change of "
+                   "tune.prices, --p99-ms or the rules",
         "unconfined": "without Docker and root: run the service on this machine as it is (no CPU quota or memory "
                       "limit; every figure says so)",
     },
@@ -697,7 +701,7 @@ def machine_figures() -> dict[str, Any]:
 def tune(
     c, target="", model="", image="", samples="", p99_ms=None, shapes="", levels="", step_seconds=None,
     warmup_seconds=None, json=False, write=False, plot=None, out="", url="", token="", identity_token=False, api_key="",
-    unconfined=False,
+    unconfined=False, reprice="",
 ):  # fmt: skip
     """Measure each instance shape under load, recommend its settings and print the price of a million predictions."""
     t = c.tune
@@ -712,7 +716,7 @@ def tune(
         table = prices.price_table(t.prices)
         plan = Plan(
             target=target,
-            shapes=sizing.parse_shapes(target, shapes or t[f"{target}_shapes"]) if not url else [],
+            shapes=sizing.parse_shapes(target, shapes or t[f"{target}_shapes"]) if not (url or reprice) else [],
             p99_ms=positive("--p99-ms", p99_ms if p99_ms is not None else t.p99_ms),
             step_seconds=positive("--step-seconds", step_seconds if step_seconds is not None else t.step_seconds),
             warmup_seconds=float(warmup_seconds if warmup_seconds is not None else t.warmup_seconds),
@@ -720,7 +724,9 @@ def tune(
             levels=parse_levels(levels or t.levels),
             unconfined=unconfined,
         )
-        if url:
+        if reprice:
+            document = _reprice(c, plan, reprice, table)
+        elif url:
             document = _tune_url(c, plan, url.rstrip("/"), samples or t.samples, shapes, token, identity_token,
                                  api_key, table, progress)  # fmt: skip
         else:
@@ -864,6 +870,26 @@ def _tune_url(c: Context, plan: Plan, url: str, samples: str, shapes: str, token
            "step_seconds": plan.step_seconds, "warmup_seconds": plan.warmup_seconds,
            "where": f"the deployed service at {url}", "loadgen": "httpx AsyncClient, closed loop"}  # fmt: skip
     return build_document(c, plan, None, [result], table, run)
+
+
+def _reprice(c: Context, plan: Plan, path: str, table: dict) -> dict:
+    """The steps of a saved run, recommended and priced again under today's rules, prices and objective."""
+    try:
+        saved = json_lib.loads(Path(path).read_text())
+        plan.target = saved["target"]
+        results = []
+        for entry in saved["shapes"]:
+            shape = sizing.parse_shapes(plan.target, entry["name"])[0]
+            steps = [Step(s["concurrency"], s["rps"], s["p50_ms"], s["p99_ms"], s["errors"], s["cpu_util"],
+                          s["peak_rss_bytes"], s["lower_bound"], s.get("notes", [])) for s in entry["steps"]]  # fmt: skip
+            notes = [n for n in entry.get("notes", []) if "peak plus headroom" not in n]
+            results.append({"shape": shape, "steps": steps, "notes": notes, "seconds": entry.get("seconds"),
+                            "recommendation": sizing.recommend(shape, steps, plan.p99_ms)})  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TuneError(f"--reprice {path}: not a saved tune run ({type(exc).__name__}: {exc}); give the JSON a run "
+                        "wrote (--out)") from None
+    plan.unconfined = bool(saved["run"].get("unconfined"))
+    return build_document(c, plan, None, results, table, {**saved["run"], "repriced_from": path})
 
 
 def _fly_shape(c: Context) -> str:

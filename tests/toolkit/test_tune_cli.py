@@ -102,3 +102,32 @@ def test_url_measures_the_deployed_service_with_its_key(keyed, tmp_path):
     assert document["run"]["url"] == keyed
     assert "c=4" in done.stderr  # progress lines go to stderr under --json
     assert json.loads((tmp_path / "t.json").read_text()) == document
+
+
+def saved_run(path: Path) -> Path:
+    """A run as `tune --out` saves it, cut to what --reprice reads: one Cloud Run shape's steps."""
+    steps = [{"concurrency": c, "rps": rps, "p50_ms": p99 / 2, "p99_ms": p99, "errors": 0, "cpu_util": cpu,
+              "peak_rss_bytes": 200 * 2**20, "lower_bound": False}
+             for c, rps, p99, cpu in ((1, 100.0, 20.0, 0.5), (2, 180.0, 40.0, 0.9), (4, 200.0, 90.0, 1.0))]  # fmt: skip
+    path.write_text(json.dumps({"target": "cloudrun", "run": {"date": "2026-12-06T00:00:00Z", "model_sha256": "ab" * 32,
+                                                              "where": "Docker"},
+                                "shapes": [{"name": "1:2Gi", "steps": steps, "notes": []}]}))  # fmt: skip
+    return path
+
+
+def test_reprice_recommends_a_saved_run_again_under_another_objective(tmp_path):
+    saved = saved_run(tmp_path / "saved.json")
+    loose, tight = (json.loads(run_invoke("tune", "--reprice", str(saved), "--p99-ms", p99, "--json", "--out",
+                                          str(tmp_path / f"{p99}.json")).stdout) for p99 in ("100", "50"))  # fmt: skip
+    assert loose["shapes"][0]["recommended"]["concurrency"] == 4  # 200 rps, over 3% more than 180
+    assert tight["shapes"][0]["recommended"]["concurrency"] == 2
+    # 1 vCPU + 0.25 GiB (200 MiB + 128 MiB headroom, rounded up to 512 MiB: Cloud Run's least with gen2 is 512 Mi)
+    # at the rate held at 60%: 1.2 in flight, 100 + 80 x 0.2 = 116 rps; CPU reaches 60% at 100 + 80 x 0.25 = 120.
+    # (0.000024 + 0.5 x 0.0000025) / 116 x 1e6 + 0.40
+    assert tight["shapes"][0]["usd_per_million"] == pytest.approx((0.000024 + 0.5 * 0.0000025) / 116 * 1e6 + 0.40,
+                                                                  abs=1e-4)  # fmt: skip
+
+
+def test_reprice_of_a_file_that_is_not_a_run_names_the_fix(tmp_path):
+    (tmp_path / "x.json").write_text("{}")
+    refused(run_invoke("tune", "--reprice", str(tmp_path / "x.json")), "not a saved tune run", "--out")

@@ -122,6 +122,15 @@ def test_cloudrun_sustained_rate_is_read_at_60_percent_of_concurrency_and_of_cpu
     assert rec["settings"] == {"concurrency": 4, "cpu": "2", "memory": "512Mi"}
     assert rec["service"] == {"WEB_CONCURRENCY": 1, "ORT_INTRA_OP_THREADS": 2}
     assert rec["point"]["sustained_rps"] == pytest.approx(212)
+    assert rec["point"]["billed_rps"] == pytest.approx(212)  # 2.4 in flight on average: always billed
+
+
+def test_request_based_billing_at_concurrency_1_counts_only_the_busy_time():
+    sweep = steps((1, 30, 40, 0.95), (2, 31, 80, 1.0))
+    rec = sizing.recommend(Shape("cloudrun", "1:2Gi", 1, 2 * GIB), sweep, 60)
+    # held at 0.6 in flight, the instance serves 0.6 x 30 = 18 rps over its life and 30 rps while billed by request;
+    # the CPU rule (60%, between 0 and 0.95 at 30 rps) gives 18.9, above 18
+    assert (rec["point"]["sustained_rps"], rec["point"]["billed_rps"]) == (18.0, 30.0)
 
 
 def test_fly_soft_limit_is_the_knee_and_hard_limit_the_best_point():
