@@ -741,7 +741,7 @@ def tune(
     finally:
         for runner in runners:
             runner.remove_all()
-    document["run"]["seconds"] = round(time.monotonic() - started, 1)
+    document["run"]["repriced_seconds" if reprice else "seconds"] = round(time.monotonic() - started, 1)
     out_path = Path(out or t.out or ROOT / "build" / "tune" / f"tune-{target}.json")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json_lib.dumps(document, indent=2) + "\n")
