@@ -131,3 +131,21 @@ def test_reprice_recommends_a_saved_run_again_under_another_objective(tmp_path):
 def test_reprice_of_a_file_that_is_not_a_run_names_the_fix(tmp_path):
     (tmp_path / "x.json").write_text("{}")
     refused(run_invoke("tune", "--reprice", str(tmp_path / "x.json")), "not a saved tune run", "--out")
+
+
+def test_without_docker_and_without_root_the_fixes_are_named(monkeypatch, tmp_path):
+    """No engine and a user who may not make cgroups: the run stops before anything starts (the test runs as root,
+    so the user id is the one thing stood in for)."""
+    from invoke import Config, Context
+
+    from toolkit import tune as tune_module
+    from toolkit.defaults import DEFAULTS
+
+    monkeypatch.setattr(tune_module.os, "geteuid", lambda: 1000)
+    context = Context(Config(overrides=DEFAULTS))
+    context.config.tune.runtime = "process"
+    plan = tune_module.Plan("cloudrun", [], 250, 1, 0, 8, [])
+    with pytest.raises(tune_module.TuneError) as refusal:
+        tune_module._runner(context, plan, "", "run", tmp_path)
+    for fix in ("not root", "start Docker", "run as root", "--url", "--unconfined"):
+        assert fix in str(refusal.value)

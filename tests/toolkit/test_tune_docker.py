@@ -7,6 +7,7 @@ on a shared machine, so the checks are about what a user decides with them, with
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -29,9 +30,9 @@ FAST = ["--step-seconds", "1.5", "--warmup-seconds", "0.5"]
 P99_MS = 250
 
 
-def tune(engine, image, out, *args, **config) -> dict:
+def tune(engine, image, out, *args, env=None, **config) -> dict:
     done = run_invoke("tune", "--image", image, "--json", "--out", str(out), "--p99-ms", str(P99_MS), *FAST, *args,
-                      engine=engine, timeout=600, **config)  # fmt: skip
+                      engine=engine, env=env, timeout=600, **config)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(done.stdout)
 
@@ -164,4 +165,16 @@ def test_ctrl_c_removes_the_container(docker, project_image, heavy, tmp_path, af
             process.wait()
     assert process.returncode != 0
     assert "interrupted" in stdout + stderr and "Traceback" not in stdout + stderr, stdout + stderr
+    assert leftovers(docker) == []
+
+
+def test_a_gs_model_is_downloaded_once_and_mounted(docker, project_image, emulator, tmp_path):
+    """A gs:// model (in the storage emulator) is fetched once by the toolkit's download and mounted read-only: the
+    container is given the mounted file as MODEL_URI and no storage settings, and the run reports the object's
+    sha256."""
+    emulator.upload("tune-models", "demo/model.onnx", DEMO_MODEL)
+    document = tune(docker, project_image, tmp_path / "gs.json", "--model", "gs://tune-models/demo/model.onnx",
+                    "--shapes", SHAPE, "--levels", "2", env=emulator.env)  # fmt: skip
+    assert document["run"]["model_sha256"] == hashlib.sha256(DEMO_MODEL.read_bytes()).hexdigest()
+    assert document["shapes"][0]["steps"][0]["rps"] > 0
     assert leftovers(docker) == []
