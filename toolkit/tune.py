@@ -1,7 +1,7 @@
 """`invoke tune`: measure what one instance of each shape serves, recommend the settings, and print the price.
 
-For each shape the real image runs under Docker with the shape's CPU quota and memory limit (`--cpus`, or Fly's
-80 ms period and shared baseline quota), the user's model mounted read-only; a closed-loop load generator
+For each shape the real image runs under Docker with the shape's CPU quota and memory limit (`--cpu-quota` over a
+100 ms period, or Fly's 80 ms period and shared baseline quota), the user's model mounted read-only; a closed-loop load generator
 (bench/loadgen.py, in a child process pinned to the CPUs the container leaves free) sweeps concurrency 1, 2, 4, ...
 on /predict until throughput stops growing or p99 passes the objective. `--url` sweeps a deployed service instead.
 The rules that turn a sweep into settings are in sizing.py, the prices in prices.py, the file edits in
@@ -68,7 +68,6 @@ class Plan:
     levels: list[int]  # fixed concurrencies to measure, instead of the doubling sweep
     image: str = ""
     unconfined: bool = False  # no Docker, no cgroup: this machine as it is, said on every line
-    url: str = ""
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -212,8 +211,8 @@ def place(shape: Shape, cpus: list[int]) -> Placement:
 class Containers:
     """Every container tune starts, by name; `remove_all` runs on every exit path (Ctrl-C included)."""
 
-    def __init__(self, c: Context, run_id: str):
-        self.c, self.run_id, self.names = c, run_id, []
+    def __init__(self, run_id: str):
+        self.run_id, self.names = run_id, []
 
     def docker(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
         done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
@@ -775,7 +774,7 @@ def _runner(c: Context, plan: Plan, image: str, run_id: str, work: Path) -> tupl
     if runtime not in ("auto", "docker", "process"):
         raise TuneError(f"tune.runtime is {runtime!r}: use auto, docker or process")
     if runtime != "process" and docker_image.engine_answers(c):
-        containers = Containers(c, run_id)
+        containers = Containers(run_id)
         plan.image = image or c.tune.image or docker_image.image_ref(c, "local", docker_image.default_tag(c))
         if containers.docker("image", "inspect", plan.image, check=False).returncode != 0:
             raise TuneError(f"no image {plan.image} in the Docker engine: build it with `invoke image.build`, or pass "

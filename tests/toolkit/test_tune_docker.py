@@ -113,8 +113,10 @@ def test_fly_sizes_at_the_shared_baseline_and_writes_fly_toml(docker, project_im
                     FLY_CONFIG=str(config))  # fmt: skip
     shared, performance = document["shapes"]
     assert shared["quota_cpus"] == 0.0625 and "baseline" in shared["burst"]
-    # 1/16 of a CPU against a whole one: the demo model's rate follows the quota (within a wide margin)
-    assert shared["recommended"]["rps"] < performance["recommended"]["rps"] / 3
+    # the quota is in force: at 4 in flight the service uses all of its 1/16 CPU, and serves less than on a whole one
+    # (the ratio itself swings with the neighbours on a shared machine, so it is not held to 16)
+    assert shared["steps"][-1]["cpu_util"] >= 0.8, shared
+    assert shared["recommended"]["rps"] < performance["recommended"]["rps"], (shared, performance)
     written = tomllib.loads(config.read_text())
     settings = document["choice"]["settings"]
     assert written["vm"] == [{"size": settings["size"], "memory": settings["memory"]}]
