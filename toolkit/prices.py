@@ -14,8 +14,7 @@ from invoke import Exit
 
 PRICES: dict[str, Any] = {
     "cloudrun": {
-        "source": "https://cloud.google.com/run/pricing (Tier 1 figures also in /work/shared/reference/"
-                  "platform-contracts.md section 1.11)",
+        "source": "https://cloud.google.com/run/pricing",
         "as_of": "2026-12-06",
         # USD per vCPU-second, per GiB-second, per million requests, beyond the free tier (not counted here)
         "tiers": {

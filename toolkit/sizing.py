@@ -5,9 +5,9 @@ Pure functions over figures: no Docker, no HTTP (those are in tune.py), so the r
 Platform rules used here, with their sources (read 2026-12-06):
 - Cloud Run CPU 1, 2, 4, 6 or 8 (below 1 vCPU forces concurrency 1 and gen1, which the deploy does not use); memory
   512 MiB (gen2) up to 4 GiB for 1 vCPU, 8 for 2, 2-16 for 4, 4-24 for 6, 4-32 for 8 (cloud.google.com/run/docs/
-  configuring/services/cpu and .../memory-limits; /work/shared/reference/platform-contracts.md 1.4).
+  configuring/services/cpu and .../memory-limits).
 - Cloud Run adds instances to keep concurrency near 60% of the configured maximum and CPU near 60%
-  (cloud.google.com/run/docs/about-instance-autoscaling; platform-contracts.md 1.11).
+  (cloud.google.com/run/docs/about-instance-autoscaling).
 - Fly sizes and their memory range (superfly/docs snippets/RegionPricingSelector.jsx), memory in 256 MB steps
   (Machines API MachineGuest.memory_mb); the proxy prefers Machines under `soft_limit`, starts stopped ones when all
   are past it, and refuses past `hard_limit` (fly.io/docs/reference/configuration, http_service.concurrency).
