@@ -7,8 +7,9 @@ from toolkit.defaults import DEFAULTS
 from toolkit.bench import bench
 from toolkit.deploy import deploy, render, rollback
 from toolkit.release import release, status
+from toolkit.tune import tune
 
-ns = Collection(deploy, render, rollback, smoke.smoke, bench, release, status)
+ns = Collection(deploy, render, rollback, smoke.smoke, bench, release, status, tune)
 image_tasks = Collection.from_module(image)
 image_tasks.add_task(scan.scan)
 ns.add_collection(image_tasks, name="image")

@@ -96,4 +96,23 @@ DEFAULTS = {
         "sample": "",  # JSON file with a request body; empty: built from the model's /metadata
         "api_key": "",  # one of the service's API_KEYS, sent by every smoke test; empty: $ONNX_SERVE_API_KEY
     },
+    "tune": {
+        # `invoke tune` (docs/sizing.md): measure each shape under load, recommend settings, price a million predictions
+        "target": "cloudrun",
+        "p99_ms": 250,  # the objective a recommended point must meet
+        "cloudrun_shapes": "1:2Gi,2:4Gi,4:8Gi",  # CPU:MEMORY, as Cloud Run offers them
+        "fly_shapes": "shared-cpu-2x:2gb,performance-1x:2gb",  # VM size:memory
+        "samples": "",  # JSONL of /predict bodies; empty: the seeded requests model.compare makes from the metadata
+        "image": "",  # empty: the image `invoke image.build` makes for this commit
+        # auto: Docker when an engine answers, else the service under gunicorn in a cgroup per shape (root);
+        # docker or process to insist on one
+        "runtime": "auto",
+        "step_seconds": 5,  # each concurrency step is measured this long...
+        "warmup_seconds": 1,  # ...after this much load that does not count
+        "max_concurrency": 256,  # the sweep stops here at the latest
+        "levels": "",  # fixed concurrencies (e.g. "8") instead of the sweep 1, 2, 4, ...
+        "out": "",  # the JSON document; empty: build/tune/tune-TARGET.json (the plot goes beside it)
+        "record": "",  # the invoke.yaml --write edits; empty: the project's
+        "prices": {},  # overrides of toolkit/prices.py, same keys (e.g. a negotiated vCPU-second price)
+    },
 }
