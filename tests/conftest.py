@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.support.models import DEMO_MODEL, linear_model
 from tests.support.storage_emulator import storage_emulator
+
+# Tests write nothing into the checkout: hypothesis (under schemathesis) keeps its caches in the system's temp dir.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(Path(tempfile.gettempdir()) / "onnx-serve-hypothesis"))
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,8 @@ import pytest
 
 from tests.support.models import ROOT
 
+pytestmark = pytest.mark.slow  # the bench, about 2 minutes
+
 INVOKE = Path(sys.executable).with_name("invoke")
 FIGURES = {
     *(f"{kind}_{model}" for kind in ("ready", "first_health") for model in ("demo", "50mb", "200mb")),

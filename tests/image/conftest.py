@@ -1,35 +1,42 @@
 """Session fixtures of the image tests: one Docker engine, one stand-in base image, one build of the project
-image (through `invoke image.build`), one registry; and the figures the tests measure, written to
-bench/results/image.json and printed at the end of the run."""
+image (through `invoke image.build`), one registry; and the figures the tests measure, printed at the end of the
+run and written to the session's temp dir, or to $ONNX_SERVE_IMAGE_FIGURES when set (`invoke bench` reads
+bench/results/image.json: `ONNX_SERVE_IMAGE_FIGURES=bench/results/image.json pytest tests/image` records them)."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.image.tasks_cli import TEST_TAG, run_invoke
+from tests.image.tasks_cli import OUTPUT, TEST_TAG, run_invoke
 from tests.support.base_image import BaseImage, build_base_image
 from tests.support.docker_engine import DockerEngine, docker_engine
-from tests.support.models import ROOT
 from tests.support.registry import local_registry
 
-RESULTS = ROOT / "bench" / "results" / "image.json"
+FIGURES_ENV = "ONNX_SERVE_IMAGE_FIGURES"
 FIGURES: dict[str, object] = {}
+WRITTEN: list[Path] = []
 
 
 @pytest.fixture(scope="session")
-def figures() -> dict[str, object]:
-    """Measurements to report; written to bench/results/image.json when the session ends."""
+def figures(tmp_path_factory) -> dict[str, object]:
+    """Measurements to report; written as JSON when the session ends (see the module's docstring for where)."""
     yield FIGURES
     if FIGURES:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(FIGURES, indent=2, sort_keys=True) + "\n")
+        given = os.environ.get(FIGURES_ENV)
+        path = Path(given) if given else tmp_path_factory.getbasetemp() / "image.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(FIGURES, indent=2, sort_keys=True) + "\n")
+        WRITTEN.append(path)
 
 
 @pytest.fixture(scope="session")
-def docker(figures) -> DockerEngine:
+def docker(figures, tmp_path_factory) -> DockerEngine:
+    OUTPUT["sbom_dir"] = tmp_path_factory.mktemp("sbom")
     with docker_engine() as engine:
         figures["docker_engine"] = "private dockerd (empty cache)" if engine.started_here else engine.host
         yield engine
@@ -65,4 +72,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         terminalreporter.section("container image figures")
         for key, value in sorted(FIGURES.items()):
             terminalreporter.write_line(f"{key}: {value}")
-        terminalreporter.write_line(f"(written to {RESULTS.relative_to(ROOT)})")
+        for path in WRITTEN:
+            terminalreporter.write_line(f"(written to {path}; {FIGURES_ENV}=bench/results/image.json keeps them for invoke bench)")
