@@ -32,7 +32,7 @@ P99_TARGETS = {("demo", 1): 1.5, ("demo", 8): 1.5}
 FLOOR, SERVICE, SEED_FASTAPI, LITSERVE = "floor", "service", "FastAPI (seed)", "LitServe"
 PEERS = (SEED_FASTAPI, LITSERVE)
 LITSERVE_MAX_BATCH_SIZE = 64
-# The best of 0.001, 0.005 and 0.01 s measured with `python -m bench.litserve_timeout` (README "Benchmarks").
+# The best of 0.001, 0.005 and 0.01 s measured with `python -m bench.litserve_timeout` (docs/benchmarks.md).
 LITSERVE_BATCH_TIMEOUT = 0.001
 # A single-threaded load generator near one full core is the bottleneck: its figures then understate the server.
 LOADGEN_SATURATED = 0.8
