@@ -22,6 +22,7 @@ from tests.support.models import linear_model, reference_outputs, slow_model
 from tests.support.ports import free_port
 from tests.support.server import GUNICORN, ROOT, run_service, service_env
 from tests.support.storage_emulator import storage_emulator
+from tests.support.waiting import wait_for
 
 ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [0.0, -1.0, 2.5, 100.0]]
 
@@ -122,8 +123,9 @@ def test_failed_load_never_reports_loaded_and_gives_the_reason(case, emulator, d
         for fragment in fragments:
             assert fragment in body["error"]
         assert service.predict({"inputs": [[1, 2, 3, 4]]}).status_code == 503
-        errors = [line for line in service.log_lines() if line.get("severity") == "ERROR"]
-        assert any(fragments[0] in line["message"] for line in errors)
+        # /health says failed a moment before the worker logs why
+        service.wait_log(lambda lines: any(line.get("severity") == "ERROR" and fragments[0] in line["message"]
+                                           for line in lines), what=f"an ERROR line with {fragments[0]!r}")
 
 
 @pytest.mark.slow
@@ -184,7 +186,8 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_0(tmp_path):
         ]
         for thread in threads:
             thread.start()
-        time.sleep(0.5)  # the requests are in flight
+        wait_for(lambda: service.connections() >= 3, 30, what="the 3 requests to reach the service")
+        time.sleep(0.5)  # and to be read: in flight
         sent = time.monotonic()
         service.process.send_signal(signal.SIGTERM)
         service.process.wait(15)

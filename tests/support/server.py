@@ -75,6 +75,15 @@ class Service:
     def raw_log(self) -> str:
         return self.log_path.read_text()
 
+    def connections(self) -> int:
+        """Established TCP connections to the service's port (server side), from /proc/net/tcp: how a test knows
+        that its clients' requests have reached the service."""
+        established = 0
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            established += state == "01" and int(local.rsplit(":", 1)[1], 16) == self.port
+        return established
+
     def _alive(self) -> bool:
         if self.process.poll() is not None:
             raise RuntimeError(f"service exited with {self.process.returncode}:\n{self.raw_log()[-4000:]}")
