@@ -12,7 +12,7 @@ import pytest
 
 from tests.support.models import ROOT
 
-pytestmark = pytest.mark.slow  # the bench, about 2 minutes
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("heavy")]  # the bench, about 2 minutes; alone under -n
 
 INVOKE = Path(sys.executable).with_name("invoke")
 FIGURES = {

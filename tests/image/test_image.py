@@ -18,7 +18,7 @@ from tests.image.tasks_cli import TEST_TAG, run_invoke
 from tests.support.models import ROOT, linear_model, reference_outputs, slow_model
 from tests.support.registry import has_blob, image_manifest
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]  # image builds
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.xdist_group("docker")]  # image builds, on one worker
 
 ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [0.0, -1.0, 2.5, 100.0]]
 GUNICORN_ARGS = ["--config", "service/gunicorn.conf.py", "service.app:app"]

@@ -17,7 +17,7 @@ from tests.image.tasks_cli import OUTPUT, TEST_TAG, run_invoke
 from tests.image.test_image import _copy_of_build_inputs
 from tests.support.models import ROOT, linear_model
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]  # image builds
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.xdist_group("docker")]  # image builds, on one worker
 
 OCI = "org.opencontainers.image."
 LOCK_PIN = re.compile(r"^([a-z0-9._-]+)==(\S+)", re.MULTILINE)

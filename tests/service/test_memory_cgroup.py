@@ -85,6 +85,7 @@ def _worker_pids(master: int) -> list[int]:
 
 # 1 worker; 3 workers share the container's limit (before the budget: 2 of them OOM-killed, 77 requests lost).
 @pytest.mark.slow  # a cgroup run: 128 bodies of 16 MB
+@pytest.mark.xdist_group("heavy")  # one heavy test at a time under pytest -n
 @pytest.mark.parametrize("workers", [1, 3])
 def test_128_concurrent_16_mb_bodies_in_a_2_gib_cgroup_kill_nothing(workers, memory_cgroup, tmp_path):
     model = linear_model(tmp_path / "wide.onnx", n_in=FEATURES)
