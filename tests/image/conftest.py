@@ -1,37 +1,26 @@
 """Session fixtures of the image tests: one Docker engine, one stand-in base image, one build of the project
-image (through `invoke image.build`), one registry; and the figures the tests measure, printed at the end of the
-run and written to the session's temp dir, or to $ONNX_SERVE_IMAGE_FIGURES when set (`invoke bench` reads
-bench/results/image.json: `ONNX_SERVE_IMAGE_FIGURES=bench/results/image.json pytest tests/image` records them)."""
+image (through `invoke image.build`), one registry; and the figures the tests measure (tests/image/figures.py says
+where they go)."""
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from pathlib import Path
 
 import pytest
 
+from tests.image import figures as image_figures
 from tests.image.tasks_cli import OUTPUT, TEST_TAG, run_invoke
 from tests.support.base_image import BaseImage, build_base_image
 from tests.support.docker_engine import DockerEngine, docker_engine
 from tests.support.registry import local_registry
 
-FIGURES_ENV = "ONNX_SERVE_IMAGE_FIGURES"
-FIGURES: dict[str, object] = {}
-WRITTEN: list[Path] = []
-
 
 @pytest.fixture(scope="session")
 def figures(tmp_path_factory) -> dict[str, object]:
-    """Measurements to report; written as JSON when the session ends (see the module's docstring for where)."""
-    yield FIGURES
-    if FIGURES:
-        given = os.environ.get(FIGURES_ENV)
-        path = Path(given) if given else tmp_path_factory.getbasetemp() / "image.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(FIGURES, indent=2, sort_keys=True) + "\n")
-        WRITTEN.append(path)
+    """Measurements to report; written as JSON when the session ends."""
+    yield image_figures.FIGURES
+    if image_figures.FIGURES:
+        image_figures.write(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="session")
@@ -65,12 +54,3 @@ def project_image(docker: DockerEngine, base_image: BaseImage, figures) -> str:
 def registry() -> str:
     with local_registry() as address:
         yield address
-
-
-def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    if FIGURES:
-        terminalreporter.section("container image figures")
-        for key, value in sorted(FIGURES.items()):
-            terminalreporter.write_line(f"{key}: {value}")
-        for path in WRITTEN:
-            terminalreporter.write_line(f"(written to {path}; {FIGURES_ENV}=bench/results/image.json keeps them for invoke bench)")
