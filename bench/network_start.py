@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from bench import coldstart, large_request, servers
+from bench import CACHE, coldstart, large_request, servers
 from bench.report import Figure, _markdown
 from tests.support.models import ROOT, embedding_model, large_model
 from tests.support.processes import stop
@@ -194,7 +194,7 @@ def main() -> None:
     parser.add_argument("--megabytes", type=int, default=1024, help="size of each model")
     parser.add_argument("--reps", type=int, default=3, help="runs of each model, each way")
     args = parser.parse_args()
-    work = ROOT / ".cache" / "bench"
+    work = CACHE
     logs = work / "network-run"
     shutil.rmtree(logs, ignore_errors=True)
     logs.mkdir(parents=True)

@@ -17,11 +17,12 @@ from bench import coldstart, external_memory, image, large_request, network_star
 from bench.loadgen import DESCRIPTION as LOADGEN
 from bench.report import Figure, LoadRow, floors, side_by_side, table, write_json
 from bench.servers import FLOOR_APP, SEED_FASTAPI_APP, SERVICE_APP, gunicorn, litserve
+from bench import CACHE
 from tests.support.models import DEMO_MODEL, ROOT, large_model, mlp_model
 from tests.support.storage_emulator import storage_emulator
 
 RESULTS = ROOT / "bench" / "results" / "latest.json"
-WORK = ROOT / ".cache" / "bench"
+WORK = CACHE
 BUCKET = "bench"
 CONCURRENCY = (1, 8, 64)
 LARGE_ROWS = 10_000
@@ -32,7 +33,7 @@ P99_TARGETS = {("demo", 1): 1.5, ("demo", 8): 1.5}
 FLOOR, SERVICE, SEED_FASTAPI, LITSERVE = "floor", "service", "FastAPI (seed)", "LitServe"
 PEERS = (SEED_FASTAPI, LITSERVE)
 LITSERVE_MAX_BATCH_SIZE = 64
-# The best of 0.001, 0.005 and 0.01 s measured with `python -m bench.litserve_timeout` (README "Benchmarks").
+# The best of 0.001, 0.005 and 0.01 s measured with `python -m bench.litserve_timeout` (docs/benchmarks.md).
 LITSERVE_BATCH_TIMEOUT = 0.001
 # A single-threaded load generator near one full core is the bottleneck: its figures then understate the server.
 LOADGEN_SATURATED = 0.8
@@ -256,7 +257,7 @@ def load_notes(rows: list[LoadRow], runtimes: dict[str, str]) -> str:
         "FastAPI (seed) under the service's gunicorn config and Uvicorn worker",
         "- FastAPI (seed): bench/peers/seed_fastapi.py (pydantic request model, `def` endpoint calling session.run), "
         "from the service's own environment",
-        f"- LitServe: {venvs.LITSERVE} from its own environment ({venvs.VENVS.relative_to(ROOT)}/litserve), "
+        f"- LitServe: {venvs.LITSERVE} from its own environment ({venvs.VENVS}/litserve), "
         f"max_batch_size {LITSERVE_MAX_BATCH_SIZE}, batch_timeout {LITSERVE_BATCH_TIMEOUT:g} s, one inference "
         "worker, one HTTP server (bench/peers/litserve_app.py)",
         f"- load generator: {loadgen}",

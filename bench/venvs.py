@@ -1,5 +1,5 @@
 """Virtual environments for the peers the service is compared with, made by the bench and cached under
-.cache/bench/venvs, so that no peer's packages ever land in the service's environment or pins.
+.cache/bench/venvs (bench.CACHE), so that no peer's packages ever land in the service's environment or pins.
 
 Each is made with the Python that runs the bench and rebuilt when its pins (or that Python) change. The packages
 a peer shares with the service (onnxruntime, numpy, and uvicorn with its loop and parser) take the service's own
@@ -15,9 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+from bench import CACHE
 from tests.support.models import ROOT
 
-VENVS = ROOT / ".cache" / "bench" / "venvs"
+VENVS = CACHE / "venvs"
 LITSERVE = "litserve==0.2.19"
 SHARED_WITH_SERVICE = ("onnxruntime", "numpy", "uvicorn", "uvloop", "httptools")
 _MARKER = "bench-pins.txt"
@@ -53,6 +54,6 @@ def ensure(name: str, pins: list[str], progress) -> Path:
         shutil.rmtree(directory, ignore_errors=True)
         raise RuntimeError(f"pip install {' '.join(pins)} into {directory} failed:\n{installed.stderr[-3000:]}")
     marker.write_text(wanted)
-    progress(f"{name}: made its virtual environment {directory.relative_to(ROOT)} in "
+    progress(f"{name}: made its virtual environment {directory} in "
              f"{time.perf_counter() - started:.0f} s ({', '.join(pins)})")  # fmt: skip
     return python

@@ -140,7 +140,7 @@ def deploy(c: Context, tag: str, dry_run: bool, declarative: bool = False, model
         c.run(shlex.join(cloudbuild_command(c, image_tag)), dry=dry_run)
     else:
         image.build_and_push(c, "cloudrun", image_tag, dry_run)
-    if c.deploy.require_scan:  # README "Supply chain": no revision of an image that fails the scan
+    if c.deploy.require_scan:  # docs/image.md, "Supply chain": no revision of an image that fails the scan
         scan.gate(c, image_ref, dry_run=dry_run)
     apply = apply_manifest if declarative else apply_flags
 

@@ -1,5 +1,5 @@
 """Defaults for every setting the tasks read: `invoke.yaml` beside tasks.py, then INVOKE_* variables, then
-flags override them (Invoke's own config tree; see README "Configuration")."""
+flags override them (Invoke's own config tree; see docs/configuration.md)."""
 
 DEFAULTS = {
     "model": {
@@ -15,7 +15,7 @@ DEFAULTS = {
         "registry": "",  # empty: taken from the target (Artifact Registry or registry.fly.io)
         "pip_index_url": "",  # empty: PyPI; a mirror's simple index for builds that cannot reach PyPI
         "build_network": "",  # empty: Docker's default; "host" for engines without a bridge network
-        # supply chain (README "Supply chain")
+        # supply chain (docs/image.md, "Supply chain")
         "source": "",  # org.opencontainers.image.source; empty: the git remote origin
         "sbom_dir": "build/sbom",  # where each build's CycloneDX SBOM goes (relative to the project); empty: none
         "allow_dirty": False,  # push images built from uncommitted changes to Artifact Registry / Fly

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCKS = {
     "requirements.txt": "requirements.in",  # the service's image
     "requirements-sbom.txt": "requirements-sbom.in",  # the SBOM generator, run beside the image, never in it
-    "requirements-dev.txt": "requirements-dev.in",  # develop, test, deploy (README set-up)
+    "requirements-dev.txt": "requirements-dev.in",  # develop, test, deploy (README: set-up)
 }
 COMPILE_FLAGS = ["--generate-hashes", "--allow-unsafe", "--strip-extras", "--no-emit-index-url",
                  "--no-emit-find-links", "--quiet"]  # fmt: skip

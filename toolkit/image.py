@@ -4,7 +4,7 @@ The image ref is REPOSITORY:TAG. The repository is `image.registry`/`image.name`
 otherwise it follows the target: Artifact Registry for cloudrun, the app's repository on registry.fly.io for fly,
 and plain `image.name` for local. The tag is --tag, else `image.tag`, else the git commit.
 
-Every build records where it came from (README "Supply chain"): OCI labels (source, revision, created, version,
+Every build records where it came from (docs/image.md, "Supply chain"): OCI labels (source, revision, created, version,
 base name and digest), the same revision in the image's environment for /health, and a CycloneDX SBOM of the
 image's Python environment written beside the build. Git is always asked in the project's folder, whatever the
 caller's working directory (`invoke -r PROJECT ...`).

@@ -4,13 +4,17 @@ models, each row measured. The figures themselves are not judged: benchmarks pri
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support.base_image import default_cache_dir
 from tests.support.models import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("heavy")]  # the bench, about 2 minutes; alone under -n
 
 INVOKE = Path(sys.executable).with_name("invoke")
 FIGURES = {
@@ -34,8 +38,10 @@ CLIENTS = (1, 8, 64)
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    result = subprocess.run([str(INVOKE), "bench", "--quick", "--out", str(out)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=420)  # fmt: skip
+    # What the bench makes once (models, LitServe's venv) is kept outside the checkout, and across runs.
+    env = {**os.environ, "ONNX_SERVE_BENCH_CACHE": str(default_cache_dir() / "bench")}
+    result = subprocess.run([str(INVOKE), "bench", "--quick", "--out", str(out)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=420)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads(out.read_text()), result.stdout
 

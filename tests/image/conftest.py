@@ -1,35 +1,31 @@
 """Session fixtures of the image tests: one Docker engine, one stand-in base image, one build of the project
-image (through `invoke image.build`), one registry; and the figures the tests measure, written to
-bench/results/image.json and printed at the end of the run."""
+image (through `invoke image.build`), one registry; and the figures the tests measure (tests/image/figures.py says
+where they go)."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 
-from tests.image.tasks_cli import TEST_TAG, run_invoke
+from tests.image import figures as image_figures
+from tests.image.tasks_cli import OUTPUT, TEST_TAG, run_invoke
 from tests.support.base_image import BaseImage, build_base_image
 from tests.support.docker_engine import DockerEngine, docker_engine
-from tests.support.models import ROOT
 from tests.support.registry import local_registry
 
-RESULTS = ROOT / "bench" / "results" / "image.json"
-FIGURES: dict[str, object] = {}
+
+@pytest.fixture(scope="session")
+def figures(tmp_path_factory) -> dict[str, object]:
+    """Measurements to report; written as JSON when the session ends."""
+    yield image_figures.FIGURES
+    if image_figures.FIGURES:
+        image_figures.write(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="session")
-def figures() -> dict[str, object]:
-    """Measurements to report; written to bench/results/image.json when the session ends."""
-    yield FIGURES
-    if FIGURES:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(FIGURES, indent=2, sort_keys=True) + "\n")
-
-
-@pytest.fixture(scope="session")
-def docker(figures) -> DockerEngine:
+def docker(figures, tmp_path_factory) -> DockerEngine:
+    OUTPUT["sbom_dir"] = tmp_path_factory.mktemp("sbom")
     with docker_engine() as engine:
         figures["docker_engine"] = "private dockerd (empty cache)" if engine.started_here else engine.host
         yield engine
@@ -58,11 +54,3 @@ def project_image(docker: DockerEngine, base_image: BaseImage, figures) -> str:
 def registry() -> str:
     with local_registry() as address:
         yield address
-
-
-def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    if FIGURES:
-        terminalreporter.section("container image figures")
-        for key, value in sorted(FIGURES.items()):
-            terminalreporter.write_line(f"{key}: {value}")
-        terminalreporter.write_line(f"(written to {RESULTS.relative_to(ROOT)})")

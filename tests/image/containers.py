@@ -20,7 +20,8 @@ import httpx
 
 from tests.support.docker_engine import DockerEngine
 from tests.support.external import missing_tool
-from tests.support.processes import stop, wait_for
+from tests.support.processes import stop
+from tests.support.waiting import wait_for
 from tests.support.storage_emulator import EMULATOR, StorageEmulator
 
 EMULATOR_PORT = 9023  # inside the container's namespace, so any port is free

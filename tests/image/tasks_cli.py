@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.support.docker_engine import DockerEngine
 from tests.support.models import ROOT
@@ -13,6 +14,9 @@ from tests.support.models import ROOT
 INVOKE = [sys.executable, "-m", "invoke"]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 TEST_TAG = "tests"  # what the session's build of the project image is tagged
+# Where the tests' builds write their SBOMs: a directory of the session (the `docker` fixture sets it), never the
+# checkout's build/sbom.
+OUTPUT: dict[str, Path] = {}
 
 
 def run_invoke(
@@ -24,6 +28,8 @@ def run_invoke(
     if engine:
         # The engine's own network for builds: a private engine has no bridge, and none is wanted.
         env.update(DOCKER_HOST=engine.host, INVOKE_IMAGE_BUILD_NETWORK="host")
+        if "sbom_dir" in OUTPUT:
+            env["INVOKE_IMAGE_SBOM_DIR"] = str(OUTPUT["sbom_dir"])
     env.update({f"INVOKE_{key}": value for key, value in config.items()})
     done = subprocess.run([*INVOKE, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     done.stdout, done.stderr = ANSI.sub("", done.stdout), ANSI.sub("", done.stderr)

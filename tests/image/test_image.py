@@ -1,6 +1,6 @@
 """The project image, built on a stand-in for python:3.12-slim, run as Cloud Run and Fly run it: read-only root,
 PORT set or not, the model fetched from Cloud Storage (an emulator), SIGTERM with a request in flight; pushed to a
-registry and pulled back. Its size and build times go to bench/results/image.json."""
+registry and pulled back. Its size and build times are figures of the session (tests/image/conftest.py says where they go)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tests.image.tasks_cli import TEST_TAG, run_invoke
 from tests.support.models import ROOT, linear_model, reference_outputs, slow_model
 from tests.support.registry import has_blob, image_manifest
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.xdist_group("docker")]  # image builds, on one worker
 
 ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [0.0, -1.0, 2.5, 100.0]]
 GUNICORN_ARGS = ["--config", "service/gunicorn.conf.py", "service.app:app"]

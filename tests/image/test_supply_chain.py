@@ -13,11 +13,11 @@ import time
 import pytest
 
 from tests.image.containers import service_container
-from tests.image.tasks_cli import TEST_TAG, run_invoke
+from tests.image.tasks_cli import OUTPUT, TEST_TAG, run_invoke
 from tests.image.test_image import _copy_of_build_inputs
 from tests.support.models import ROOT, linear_model
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.xdist_group("docker")]  # image builds, on one worker
 
 OCI = "org.opencontainers.image."
 LOCK_PIN = re.compile(r"^([a-z0-9._-]+)==(\S+)", re.MULTILINE)
@@ -58,7 +58,7 @@ def test_the_running_image_shows_its_revision_on_health(docker, project_image, t
 
 
 def test_the_sbom_lists_every_locked_package_at_its_pinned_version_and_the_base(docker, base_image, project_image, figures):
-    sbom = ROOT / "build" / "sbom" / f"onnx-serve_{TEST_TAG}.cdx.json"
+    sbom = OUTPUT["sbom_dir"] / f"onnx-serve_{TEST_TAG}.cdx.json"
     bom = json.loads(sbom.read_text())
     assert bom["bomFormat"] == "CycloneDX" and bom["specVersion"] == "1.5"
     packages = {c["name"].lower().replace("_", "-"): c["version"] for c in bom["components"] if c["type"] == "library"}

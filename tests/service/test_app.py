@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.settings import load_settings
 from tests.support.models import reference_outputs, two_input_model
+from tests.support.waiting import wait_for, wait_loaded
 
 
 def client_for(model_path, **env):
@@ -16,7 +17,7 @@ def client_for(model_path, **env):
     app = create_app(settings)
     client = TestClient(app)
     client.__enter__()
-    assert app.state.store.loaded.wait(30)
+    wait_loaded(app)
     return client
 
 
@@ -194,15 +195,12 @@ def test_corrupt_local_model_fails_with_reason_and_refuses_predictions(tmp_path)
 def access_lines(client, count: int) -> list[dict]:
     """The last `count` access-log lines: written at the end of the event loop's turn, which runs in the test
     client's own thread, so wait for them."""
-    import json
-    import time
 
-    deadline = time.monotonic() + 5
-    while True:
+    def written():
         lines = [json.loads(line) for line in client.app.logged.lines.stream.getvalue().splitlines()]
-        if len(lines) >= count or time.monotonic() > deadline:
-            return lines[-count:]
-        time.sleep(0.01)
+        return len(lines) >= count and lines[-count:]
+
+    return wait_for(written, 5, interval=0.01, what=f"{count} access-log lines")
 
 
 @pytest.fixture
@@ -273,7 +271,10 @@ def test_access_log_modes(demo_model, mode, logged_statuses):
     try:
         assert client.post("/predict", json={"inputs": [[1, 2, 3, 4]]}).status_code == 200
         assert client.post("/predict", json={"inputs": [[1, 2, 3]]}).status_code == 422
-        time.sleep(0.2)  # the lines of a loop turn are written at its end
+        if logged_statuses:
+            access_lines(client, len(logged_statuses))  # the lines of a loop turn are written at its end
+        else:
+            time.sleep(0.2)  # room for a line that must not come
         lines = [json.loads(line) for line in client.app.logged.lines.stream.getvalue().splitlines()]
     finally:
         access.setLevel(level)

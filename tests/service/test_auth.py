@@ -18,6 +18,7 @@ from service.settings import SettingsError, load_settings
 from tests.support.models import reference_outputs
 from tests.support.ports import free_port
 from tests.support.server import GUNICORN, ROOT, run_service, service_env
+from tests.support.waiting import wait_loaded
 
 KEY = "k1-Zq9vX2mB7tLr4sW8yN3pHc6dF"
 NEXT = "k2-Vh5jT1nQ8xR2wE6uY9aK4gM0"  # a second key: the one clients move to while KEY is retired
@@ -30,7 +31,7 @@ def keyed(demo_model):
     app = create_app(load_settings({
         "MODEL_URI": str(demo_model), "EXIT_ON_LOAD_FAILURE_AFTER": "-1", "API_KEYS": f"{KEY}, {NEXT}"}))  # fmt: skip
     with TestClient(app) as client:
-        assert app.state.store.loaded.wait(30)
+        wait_loaded(app)
         yield client
 
 
@@ -105,6 +106,7 @@ def test_docs_false_puts_the_document_behind_the_key_too(demo_model):
     with TestClient(app) as client:
         assert client.get("/openapi.json").status_code == 401
         assert client.get("/openapi.json", headers={"X-API-Key": KEY}).status_code == 200
+        wait_loaded(app)  # /health answers without a key either way, but 200 only once the model is in
         assert client.get("/health").status_code == 200
 
 
@@ -118,6 +120,7 @@ def test_a_weak_or_malformed_key_stops_start_up_without_showing_it(demo_model, v
         assert part not in message
 
 
+@pytest.mark.slow
 def test_under_gunicorn_no_key_reaches_the_log_and_tritonclient_sends_one_in_headers(demo_model, tmp_path):
     metrics_port = free_port()
     with run_service(str(demo_model), tmp_path, API_KEYS=f"{KEY},{NEXT}", ACCESS_LOG="all", LOG_LEVEL="debug",

@@ -17,7 +17,7 @@ from service.settings import SettingsError, load_settings
 from tests.support.models import (
     batch_mixing_model, busy_model, image_model, linear_model, lookup_model, reference_outputs, two_input_model,
 )  # fmt: skip
-from tests.support.processes import wait_for
+from tests.support.waiting import wait_for
 from tests.support.server import run_service
 
 
@@ -128,6 +128,7 @@ def test_shared_dimensions_are_checked_per_request_before_rows_are_stacked(tmp_p
     assert stats["largest_batch_requests"] > 1, stats
 
 
+@pytest.mark.slow
 def test_health_answers_while_64_clients_saturate_the_worker(tmp_path):
     model = busy_model(tmp_path / "busy.onnx")
     body = request_bytes("POST", "/predict", b'{"inputs": {"features": [[' + b", ".join([b"0.5"] * 64) + b"]]}}")

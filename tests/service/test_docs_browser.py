@@ -9,6 +9,8 @@ import pytest
 from tests.support.browser import Page, chromium
 from tests.support.server import run_service
 
+pytestmark = pytest.mark.slow  # headless Chromium
+
 KEY = "docs-key-8fK2mQ7vZ1xT4nR6"
 PREDICT = '[id^="operations-"][id$="-predict"]'  # Swagger UI's block of the operation with operationId "predict"
 

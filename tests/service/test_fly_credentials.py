@@ -73,6 +73,7 @@ def test_the_storage_client_reads_the_model_with_the_token_exchanged_for_the_mac
     assert federation.gate.seen and set(federation.gate.seen) == {f"Bearer {issued}"}
 
 
+@pytest.mark.slow
 def test_the_token_is_refreshed_before_it_expires_with_a_fresh_fly_token(federation):
     # google-auth treats a token as stale REFRESH_THRESHOLD before its expiry: both tokens live 3 s past that.
     lifetime = _helpers.REFRESH_THRESHOLD.total_seconds() + 3
@@ -96,6 +97,7 @@ def test_the_service_loads_the_model_with_no_key_file(federation, tmp_path):
         federation.google.valid(seen) for seen in federation.gate.seen)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "arrange, expected",
     [

@@ -22,6 +22,7 @@ from tests.support.models import linear_model, reference_outputs, slow_model
 from tests.support.ports import free_port
 from tests.support.server import GUNICORN, ROOT, run_service, service_env
 from tests.support.storage_emulator import storage_emulator
+from tests.support.waiting import wait_for
 
 ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [0.0, -1.0, 2.5, 100.0]]
 
@@ -35,6 +36,7 @@ def assert_predicts_like_onnxruntime(service, model_path, rows=ROWS):
         np.testing.assert_allclose(got[name], value, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_loads_from_gcs_goes_from_503_to_200_and_predicts_like_onnxruntime(emulator, demo_model, tmp_path):
     generation = emulator.upload("models-ok", "demo/model.onnx", demo_model)
     digest = hashlib.sha256(demo_model.read_bytes()).hexdigest()
@@ -56,12 +58,13 @@ def test_loads_from_gcs_goes_from_503_to_200_and_predicts_like_onnxruntime(emula
         assert_predicts_like_onnxruntime(service, demo_model)
 
 
+@pytest.mark.slow
 def test_health_is_503_while_loading(emulator, tmp_path):
     # Storage comes up 3 s after the service: meanwhile /health answers at once, with 503 and the step.
     port = free_port()
     with run_service("gs://late/model.onnx", tmp_path, STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{port}") as service:
-        status, body = service.wait_answering()
-        assert status == 503
+        body = service.wait_health(lambda body: body["step"] != "starting", what="the load to begin")
+        assert service.health()[0] == 503
         assert (body["status"], body["model_loaded"], body["step"]) == ("loading", False, "downloading")
         refused = service.predict({"inputs": [[1, 2, 3, 4]]})
         assert refused.status_code == 503 and refused.headers["retry-after"]
@@ -77,6 +80,7 @@ def test_health_is_503_while_loading(emulator, tmp_path):
         assert retries and retries[0]["severity"] == "WARNING"
 
 
+@pytest.mark.slow
 def test_loads_from_a_local_path(demo_model, tmp_path):
     with run_service(str(demo_model), tmp_path) as service:
         service.wait_state("ready")
@@ -84,6 +88,7 @@ def test_loads_from_a_local_path(demo_model, tmp_path):
         assert_predicts_like_onnxruntime(service, demo_model)
 
 
+@pytest.mark.slow
 def test_a_pinned_generation_is_served_and_no_other(emulator, tmp_path):
     old = emulator.upload("models-pin", "model.onnx", linear_model(tmp_path / "v1.onnx", seed=1))
     current_model = linear_model(tmp_path / "v2.onnx", seed=2)
@@ -105,6 +110,7 @@ FAILURES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", FAILURES)
 def test_failed_load_never_reports_loaded_and_gives_the_reason(case, emulator, demo_model, tmp_path):
     emulator.upload("models-fail", "good.onnx", demo_model)
@@ -117,10 +123,12 @@ def test_failed_load_never_reports_loaded_and_gives_the_reason(case, emulator, d
         for fragment in fragments:
             assert fragment in body["error"]
         assert service.predict({"inputs": [[1, 2, 3, 4]]}).status_code == 503
-        errors = [line for line in service.log_lines() if line.get("severity") == "ERROR"]
-        assert any(fragments[0] in line["message"] for line in errors)
+        # /health says failed a moment before the worker logs why
+        service.wait_log(lambda lines: any(line.get("severity") == "ERROR" and fragments[0] in line["message"]
+                                           for line in lines), what=f"an ERROR line with {fragments[0]!r}")
 
 
+@pytest.mark.slow
 def test_storage_never_reachable_fails_after_the_deadline(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
     with run_service("gs://nowhere/model.onnx", tmp_path, STORAGE_EMULATOR_HOST=dead, MODEL_LOAD_DEADLINE="3") as service:
@@ -128,6 +136,7 @@ def test_storage_never_reachable_fails_after_the_deadline(tmp_path):
         assert "not reachable for 3s" in body["error"] and "MODEL_LOAD_DEADLINE" in body["error"]
 
 
+@pytest.mark.slow
 def test_failed_load_exits_the_process_so_the_platform_replaces_it(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
@@ -137,6 +146,7 @@ def test_failed_load_exits_the_process_so_the_platform_replaces_it(tmp_path):
         assert "failed to load" in service.raw_log()
 
 
+@pytest.mark.slow
 def test_bad_input_gets_4xx_and_the_worker_keeps_serving(demo_model, tmp_path):
     with run_service(str(demo_model), tmp_path) as service:
         service.wait_state("ready")
@@ -149,6 +159,7 @@ def test_bad_input_gets_4xx_and_the_worker_keeps_serving(demo_model, tmp_path):
         assert "Traceback" not in service.raw_log()
 
 
+@pytest.mark.slow
 def test_200_concurrent_requests_all_answer_correctly(demo_model, tmp_path):
     rng = np.random.default_rng(7)
     requests = [rng.normal(size=(1 + i % 5, 4)).round(3).tolist() for i in range(200)]
@@ -163,6 +174,7 @@ def test_200_concurrent_requests_all_answer_correctly(demo_model, tmp_path):
         np.testing.assert_allclose(response.json()["outputs"]["probabilities"], expected, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_sigterm_lets_in_flight_requests_finish_and_exits_0(tmp_path):
     model = slow_model(tmp_path / "slow.onnx")  # about 1.5 s an inference
     with run_service(str(model), tmp_path, ORT_INTRA_OP_THREADS="1", INFERENCE_THREADS="4") as service:
@@ -174,7 +186,8 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_0(tmp_path):
         ]
         for thread in threads:
             thread.start()
-        time.sleep(0.5)  # the requests are in flight
+        wait_for(lambda: service.connections() >= 3, 30, what="the 3 requests to reach the service")
+        time.sleep(0.5)  # and to be read: in flight
         sent = time.monotonic()
         service.process.send_signal(signal.SIGTERM)
         service.process.wait(15)
@@ -204,14 +217,16 @@ def test_logs_are_json_lines_with_severity_and_the_cloud_run_trace(demo_model, t
     assert any(line["message"].startswith("Starting gunicorn") for line in parsed)
 
 
+@pytest.mark.slow
 def test_workers_share_one_download(emulator, demo_model, tmp_path):
     emulator.upload("models-shared", "model.onnx", demo_model)
     cache = tmp_path / "cache"
     with run_service("gs://models-shared/model.onnx", tmp_path, WEB_CONCURRENCY="2", MODEL_CACHE_DIR=str(cache),
                      **emulator.env) as service:
         service.wait_state("ready")
-        time.sleep(1)
-        messages = [line["message"] for line in service.log_lines()]
+        lines = service.wait_log(lambda lines: sum(line["message"].startswith("model loaded in") for line in lines) >= 2,
+                                 what="both workers to log their load")
+        messages = [line["message"] for line in lines]
     assert messages.count("model loaded in") == 0  # formatted with the time
     assert sum(m.startswith("model loaded in") for m in messages) == 2
     assert messages.count("model found in cache") == 1

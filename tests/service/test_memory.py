@@ -14,6 +14,7 @@ from service.app import create_app
 from service.memory import MIB, MemoryBudget, MemoryLimit, OverBudget, container_memory_limit
 from service.settings import load_settings
 from tests.support.models import linear_model
+from tests.support.waiting import wait_loaded
 
 GIB = 1024 * MIB
 V1_UNLIMITED = "9223372036854771712"
@@ -166,7 +167,7 @@ def service(tmp_path):
                               "MEMORY_LIMIT_BYTES": str(64 * GIB), "MEMORY_WAIT_SECONDS": "0.2"})
     app = create_app(settings)
     with TestClient(app) as client:
-        assert app.state.store.loaded.wait(30)
+        wait_loaded(app)
         yield client, app.state.memory
 
 

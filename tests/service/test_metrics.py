@@ -4,6 +4,7 @@ Prometheus would, and the worker-side recorder against prometheus_client's own a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
@@ -23,7 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service import metrics
 from tests.support.ports import free_port
-from tests.support.processes import stop, wait_for
+from tests.support.processes import stop
+from tests.support.waiting import wait_for
 from tests.support.server import GUNICORN, ROOT, run_service, service_env
 
 ROW = [5.1, 3.5, 1.4, 0.2]
@@ -42,11 +44,16 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
 
 def scrape_when_counted(port: int, expected: dict, skip: tuple[str, ...] = ()) -> dict:
     """The scrape once the request counts equal `expected` (workers write theirs within METRICS_FLUSH_SECONDS)."""
-    deadline = time.monotonic() + 10
-    while requests_by_route(samples := scrape(port), skip) != expected and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert requests_by_route(samples, skip) == expected
-    return samples
+    last = {}
+
+    def counted():
+        last["samples"] = scrape(port)
+        return requests_by_route(last["samples"], skip) == expected
+
+    with contextlib.suppress(TimeoutError):
+        wait_for(counted, 10, what="the request counts on /metrics")
+    assert requests_by_route(last["samples"], skip) == expected
+    return last["samples"]
 
 
 def value(samples: dict, metric: str, /, **labels: str) -> float | None:
@@ -149,6 +156,7 @@ def multiproc_dir(tmp_path):
     return directory
 
 
+@pytest.mark.slow
 def test_metrics_are_summed_over_two_workers_on_their_own_port(demo_model, tmp_path, multiproc_dir):
     # Counts left by an earlier run must not count: the master wipes the directory at start.
     stale = MmapedDict(str(multiproc_dir / "counter_1.db"))
@@ -210,6 +218,7 @@ def test_metrics_are_summed_over_two_workers_on_their_own_port(demo_model, tmp_p
         assert 0 < value(samples, "onnx_serve_model_load_seconds") < 60
 
 
+@pytest.mark.slow
 def test_a_killed_workers_counts_stay_and_its_replacement_adds_to_them(demo_model, tmp_path, multiproc_dir):
     metrics_port = free_port()
     env = dict(WEB_CONCURRENCY="2", METRICS_PORT=str(metrics_port), PROMETHEUS_MULTIPROC_DIR=str(multiproc_dir))
@@ -236,6 +245,7 @@ def test_a_killed_workers_counts_stay_and_its_replacement_adds_to_them(demo_mode
         assert set(served_by_each_worker(multiproc_dir)) == {*first, *second}
 
 
+@pytest.mark.slow
 def test_a_stopping_worker_writes_its_last_counts(demo_model, tmp_path, multiproc_dir):
     # Counts wait up to a minute in the worker: only the write at exit can bring them to the scrape in time.
     metrics_port = free_port()

@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 
 from service.model_store import open_session
 from service.onnx_file import with_weights_by_reference
@@ -39,6 +40,7 @@ def test_small_initializers_and_files_that_are_not_models_are_left_alone(tmp_pat
         assert with_weights_by_reference(tmp_path / "bad.onnx", min_bytes=1024) is None
 
 
+@pytest.mark.slow
 def test_a_large_model_opens_without_holding_its_weights_twice(tmp_path):
     path = large_model(tmp_path / "big.onnx", 96)
     script = f"""

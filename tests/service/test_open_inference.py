@@ -96,6 +96,7 @@ def test_json_request_without_content_type_and_versioned_path(demo_service, demo
         np.testing.assert_allclose(np.array(logits["data"]).reshape(3, 3), expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_integer_and_float_inputs_and_a_rank_0_input(tmp_path):
     two = two_input_model(tmp_path / "two.onnx")
     scalar = scalar_input_model(tmp_path / "scalar.onnx")
@@ -156,6 +157,7 @@ def test_protocol_errors_are_4xx_with_an_error_body(client, demo_service):
     assert raised.value.status() == "400" and "dimension 1 must be 4" in raised.value.message()
 
 
+@pytest.mark.slow
 def test_not_ready_is_503_with_an_error_and_a_gcs_model_is_versioned_by_generation(emulator, demo_model, tmp_path):
     unreachable = f"http://127.0.0.1:{free_port()}"
     with run_service("gs://late/model.onnx", tmp_path, STORAGE_EMULATOR_HOST=unreachable) as service:
@@ -175,6 +177,7 @@ def test_not_ready_is_503_with_an_error_and_a_gcs_model_is_versioned_by_generati
         np.testing.assert_allclose(result.as_numpy("logits"), reference_outputs(demo_model, {"features": ROWS})[0], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_string_tensors_travel_as_bytes_and_zipmap_outputs_as_json_documents(tmp_path):
     from tests.support.zoo import string_pipeline
 

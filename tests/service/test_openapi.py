@@ -21,6 +21,7 @@ from service.app import create_app
 from service.settings import load_settings
 from tests.support.models import DEMO_MODEL, dtypes_model, two_input_model
 from tests.support.server import run_service
+from tests.support.waiting import wait_loaded
 
 INT64 = {"type": "integer", "format": "int64", "minimum": -(2**63), "maximum": 2**63 - 1}
 # Numbers up to here round to a finite float32; from here on they would be inf, which the service refuses.
@@ -151,7 +152,7 @@ def test_schema_is_generic_until_the_model_loads_then_typed(demo_model):
     before = predict_body(client.get("/openapi.json").json())["properties"]["inputs"]
     assert "features" not in str(before)
     with client:
-        assert app.state.store.loaded.wait(30)
+        wait_loaded(app)
         after = predict_body(client.get("/openapi.json").json())["properties"]["inputs"]
     assert after["anyOf"][0]["required"] == ["features"]
 
@@ -207,6 +208,7 @@ def fuzz(service) -> tuple[list[str], list[str]]:
     return operations, failures
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("service", ["demo_service", "two_input_service", "dtypes_service"])
 def test_fuzzed_requests_get_documented_answers(service, request):
     operations, failures = fuzz(request.getfixturevalue(service))

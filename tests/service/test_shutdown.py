@@ -86,6 +86,8 @@ def _burst(tmp_path, model: str, delay: float, request_bytes: bytes) -> tuple[Bu
     return burst, service.process.returncode, took
 
 
+@pytest.mark.slow  # 36 bursts of 64 requests, twice
+@pytest.mark.xdist_group("heavy")  # one heavy test at a time under pytest -n
 def test_sigterm_during_a_burst_loses_no_request(tmp_path):
     model = str(busy_model(tmp_path / "busy.onnx", n_in=FEATURES, hidden=1024))
     rows = np.random.default_rng(0).standard_normal((ROWS, FEATURES)).round(4).tolist()

@@ -13,7 +13,7 @@ import pytest
 from service.model_store import LoadState, ModelStore
 from service.settings import SettingsError, load_settings
 from tests.support.models import large_model, linear_model, reference_outputs
-from tests.support.processes import wait_for
+from tests.support.waiting import wait_for
 from tests.support.storage_throttle import throttled_storage
 from tests.support.zoo import external_data_model
 
@@ -78,6 +78,7 @@ def test_a_large_model_arrives_as_concurrent_ranged_reads_byte_exact(storage, mo
     np.testing.assert_allclose(store.run({"features": rows})[0], reference_outputs(model, {"features": rows})[0], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_several_reads_run_at_once_and_beat_one_paced_stream(storage, model, tmp_path):
     upload(storage, "paced/model.onnx", model)
     storage.rate, storage.first_byte_delay = 2e6, 0.02  # 2 MB/s per connection: one stream takes 1.5 s
@@ -124,6 +125,7 @@ def test_a_server_without_range_support_gets_one_stream(storage, model, tmp_path
     assert storage.media_reads - storage.ranged_reads == 1  # the fallback: one read without a range
 
 
+@pytest.mark.slow
 def test_a_model_replaced_mid_download_is_never_mixed(storage, emulator, model, tmp_path):
     """The object is overwritten while its slices are read: the load starts again on the new generation and serves
     exactly the new bytes, or, with MODEL_URI pinned to the old generation, fails saying what changed."""

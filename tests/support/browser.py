@@ -21,7 +21,8 @@ import httpx
 import websocket
 
 from tests.support.debian_packages import ensure_installed
-from tests.support.processes import stop, wait_for
+from tests.support.processes import stop
+from tests.support.waiting import wait_for
 
 FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

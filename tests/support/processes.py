@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 
 
 def stop(process: subprocess.Popen, grace: float = 10.0) -> int:
@@ -29,13 +28,3 @@ def _signal(process: subprocess.Popen, sig: int) -> None:
         except ProcessLookupError:
             pass
 
-
-def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)

@@ -17,7 +17,8 @@ from typing import Iterator
 
 from tests.support.debian_packages import ensure_installed
 from tests.support.ports import free_port
-from tests.support.processes import stop, wait_for
+from tests.support.processes import stop
+from tests.support.waiting import wait_for
 
 MANIFEST_TYPES = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json"
 # Straight to the registry on loopback, never through an HTTP(S)_PROXY from the environment.

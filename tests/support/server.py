@@ -15,7 +15,8 @@ import httpx
 
 from tests.support.models import ROOT
 from tests.support.ports import free_port
-from tests.support.processes import stop, wait_for
+from tests.support.processes import stop
+from tests.support.waiting import wait_for
 
 GUNICORN = [str(Path(sys.executable).with_name("gunicorn")), "-c", "service/gunicorn.conf.py", "service.app:app"]
 
@@ -41,12 +42,22 @@ class Service:
         return wait_for(lambda: self._alive() and self.health(), timeout, what="/health to answer")
 
     def wait_state(self, state: str, timeout: float = 60) -> dict:
-        def reached():
-            self._alive()
-            answer = self.health()
-            return answer and answer[1]["status"] == state and answer[1]
+        return self.wait_health(lambda body: body["status"] == state, timeout, what=f"/health status {state!r}")
 
-        return wait_for(reached, timeout, what=f"/health status {state!r}")
+    def wait_health(self, reached, timeout: float = 60, what: str = "/health to show a state") -> dict:
+        """The /health body once `reached(body)` is true of it (whatever its status code)."""
+
+        def answer():
+            self._alive()
+            answered = self.health()
+            return answered and reached(answered[1]) and answered[1]
+
+        return wait_for(answer, timeout, what=what)
+
+    def wait_log(self, reached, timeout: float = 30, what: str = "a log line") -> list[dict]:
+        """The JSON log lines once `reached(lines)` is true of them: what a worker logs reaches the file a little
+        after the event, and the other workers' lines later still."""
+        return wait_for(lambda: (lines := self.log_lines()) and reached(lines) and lines, timeout, what=what)
 
     def predict(self, body, **kwargs) -> httpx.Response:
         kwargs.setdefault("timeout", 30)
@@ -63,6 +74,15 @@ class Service:
 
     def raw_log(self) -> str:
         return self.log_path.read_text()
+
+    def connections(self) -> int:
+        """Established TCP connections to the service's port (server side), from /proc/net/tcp: how a test knows
+        that its clients' requests have reached the service."""
+        established = 0
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            established += state == "01" and int(local.rsplit(":", 1)[1], 16) == self.port
+        return established
 
     def _alive(self) -> bool:
         if self.process.poll() is not None:

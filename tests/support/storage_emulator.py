@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Iterator
 
 from tests.support.ports import free_port
-from tests.support.processes import stop, wait_for
+from tests.support.processes import stop
+from tests.support.waiting import wait_for
 
 EMULATOR = Path(sys.executable).with_name("gcp-storage-emulator")
 

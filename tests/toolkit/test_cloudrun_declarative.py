@@ -81,6 +81,8 @@ def test_a_pinned_generation_cannot_be_mounted(manifest_config):
     assert result.returncode == 1 and "drop #GENERATION and pin the content with model.sha256" in result.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_declarative_first_deploy_sends_the_rendered_service_through_replace(gcloud_stub, healthy, manifest_config):
     gcloud_stub.state.urls[None] = healthy
     result = invoke("deploy", "--target", "cloudrun", "--tag", "abc1234", "--declarative", **manifest_config)
@@ -97,6 +99,8 @@ def test_declarative_first_deploy_sends_the_rendered_service_through_replace(gcl
     assert gcloud_stub.is_public(SERVICE)  # replace carries no IAM: the task granted allUsers itself
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_declarative_update_tags_a_no_traffic_revision_smoke_tests_it_then_promotes(gcloud_stub, healthy,
                                                                                     manifest_config):
     gcloud_stub.seed_service(SERVICE, f"{IMAGE}:old")
@@ -118,6 +122,8 @@ def test_declarative_update_tags_a_no_traffic_revision_smoke_tests_it_then_promo
     assert serving(gcloud_stub) == {old: 100}
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_declarative_failed_smoke_test_leaves_traffic_where_it_was(gcloud_stub, broken, manifest_config):
     gcloud_stub.seed_service(SERVICE, f"{IMAGE}:old")
     before = serving(gcloud_stub)
@@ -129,6 +135,8 @@ def test_declarative_failed_smoke_test_leaves_traffic_where_it_was(gcloud_stub, 
     assert len(gcloud_stub.revisions(SERVICE)) == 2
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_model_mount_by_flags_sends_the_same_volume_as_the_rendered_file(gcloud_stub, healthy, manifest_config):
     gcloud_stub.state.urls[None] = healthy
     result = invoke("deploy", "--target", "cloudrun", "--tag", "mnt0001", "--model-mount", **manifest_config)
@@ -141,6 +149,7 @@ def test_model_mount_by_flags_sends_the_same_volume_as_the_rendered_file(gcloud_
     assert sent["spec"]["template"]["metadata"]["annotations"]["run.googleapis.com/execution-environment"] == "gen2"
 
 
+@pytest.mark.gcloud
 def test_declarative_dry_run_prints_the_manifest_and_the_replace_command_and_runs_none(gcloud_stub,
                                                                                        manifest_config):
     result = invoke("deploy", "--target", "cloudrun", "--tag", "dry0001", "--declarative", "--dry-run",
@@ -151,6 +160,8 @@ def test_declarative_dry_run_prints_the_manifest_and_the_replace_command_and_run
     assert gcloud_stub.requests == []
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_api_keys_from_secret_manager_by_flags_and_in_the_rendered_file_alike(gcloud_stub, keyed, manifest_config):
     # IAM stays on (a private service); the keys ride on top, from a secret the runtime account may read.
     config = {**manifest_config, "cloudrun_api_keys_secret": "onnx-serve-api-keys"}

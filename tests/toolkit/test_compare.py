@@ -234,6 +234,7 @@ def test_a_wrong_sha256_fails_with_the_services_reason(baseline, tmp_path):
         compare_models(str(candidate), str(baseline), candidate_sha256="0" * 64, **FAST)
 
 
+@pytest.mark.slow
 def test_a_gs_candidate_at_a_generation_from_the_storage_emulator(emulator, baseline, tmp_path):
     candidate = variants.perturbed(baseline, tmp_path / "retrained.onnx", scale=0.3)
     generation = emulator.upload("compare-models", "iris/v2/model.onnx", candidate)

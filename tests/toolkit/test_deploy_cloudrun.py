@@ -28,6 +28,8 @@ def serving(stub) -> dict[str, int]:
     return {t["revisionName"]: t["percent"] for t in stub.traffic(SERVICE) if t.get("percent")}
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_first_deploy_builds_on_cloud_build_creates_the_service_and_smoke_tests_it(gcloud_stub, healthy):
     gcloud_stub.state.urls[None] = healthy
     result = invoke("deploy", "--target", "cloudrun", "--tag", "abc1234", **CONFIG)
@@ -59,6 +61,8 @@ def test_first_deploy_builds_on_cloud_build_creates_the_service_and_smoke_tests_
     assert gcloud_stub.is_public(SERVICE)
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_update_deploys_a_tagged_revision_with_no_traffic_and_moves_traffic_after_the_smoke_test(
     gcloud_stub, healthy
 ):
@@ -82,6 +86,8 @@ def test_update_deploys_a_tagged_revision_with_no_traffic_and_moves_traffic_afte
     assert serving(gcloud_stub) == {old: 100}
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_failed_smoke_test_leaves_traffic_on_the_previous_revision(gcloud_stub, broken):
     gcloud_stub.seed_service(SERVICE, f"{IMAGE}:old")
     before = serving(gcloud_stub)
@@ -95,6 +101,8 @@ def test_failed_smoke_test_leaves_traffic_on_the_previous_revision(gcloud_stub, 
     assert len(gcloud_stub.revisions(SERVICE)) == 2  # the failed candidate stays, tagged, for inspection
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_expected_sha256_is_passed_to_the_service_and_checked_by_the_smoke_test(gcloud_stub, healthy):
     digest = hashlib.sha256(DEMO_MODEL.read_bytes()).hexdigest()
     gcloud_stub.state.urls[None] = healthy
@@ -107,6 +115,7 @@ def test_expected_sha256_is_passed_to_the_service_and_checked_by_the_smoke_test(
     assert right.returncode == 0, right.stderr
 
 
+@pytest.mark.gcloud
 def test_dry_run_prints_every_command_and_runs_none(gcloud_stub):
     result = invoke("deploy", "--target", "cloudrun", "--tag", "dry0001", "--dry-run", **CONFIG)
     assert result.returncode == 0, result.stderr
@@ -117,6 +126,7 @@ def test_dry_run_prints_every_command_and_runs_none(gcloud_stub):
     assert gcloud_stub.requests == [] and gcloud_stub.calls == []
 
 
+@pytest.mark.gcloud
 @pytest.mark.parametrize(
     "config, message",
     [

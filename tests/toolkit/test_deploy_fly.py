@@ -9,6 +9,8 @@ import json
 import string
 import subprocess
 
+import pytest
+
 from tests.support.models import ROOT
 from tests.toolkit.conftest import SERVICE_KEY
 from tests.toolkit.deploy_helpers import invoke
@@ -28,6 +30,7 @@ def deploys(fake) -> list[list[str]]:
     return [argv for argv in fake.argvs() if argv[:1] == ["deploy"]]
 
 
+@pytest.mark.slow
 def test_deploy_uses_the_remote_builder_then_smoke_tests_the_app(fake_flyctl, healthy):
     fake_flyctl.add_app(APP, image=OLD_IMAGE)
     result = invoke("deploy", "--target", "fly", "--tag", "v2", **CONFIG, fly_url=healthy)
@@ -46,6 +49,7 @@ def test_deploy_uses_the_remote_builder_then_smoke_tests_the_app(fake_flyctl, he
     assert commands.index(["auth", "whoami"]) < commands.index(["status", "--json"]) < commands.index(deploy[:2])
 
 
+@pytest.mark.slow
 def test_failed_smoke_test_redeploys_the_previous_image(fake_flyctl, broken):
     fake_flyctl.add_app(APP, image=OLD_IMAGE)
     result = invoke("deploy", "--target", "fly", "--tag", "v3", **CONFIG, fly_url=broken)
@@ -59,6 +63,7 @@ def test_failed_smoke_test_redeploys_the_previous_image(fake_flyctl, broken):
     assert "rolled back to" in result.stderr
 
 
+@pytest.mark.slow
 def test_rollback_redeploys_the_previous_release_image(fake_flyctl, healthy):
     fake_flyctl.add_app(APP, image=OLD_IMAGE)
     assert invoke("deploy", "--target", "fly", "--tag", "v4", **CONFIG, fly_url=healthy).returncode == 0
@@ -68,6 +73,7 @@ def test_rollback_redeploys_the_previous_release_image(fake_flyctl, healthy):
     assert back[back.index("--image") + 1] == OLD_IMAGE
 
 
+@pytest.mark.slow
 def test_credentials_are_piped_to_a_staged_secret_never_on_the_command_line(fake_flyctl, tmp_path):
     fake_flyctl.add_app(APP)
     key = tmp_path / "key.json"
@@ -79,6 +85,7 @@ def test_credentials_are_piped_to_a_staged_secret_never_on_the_command_line(fake
     assert base64.b64decode(call["stdin"]) == key.read_bytes()
 
 
+@pytest.mark.slow
 def test_the_key_secret_is_the_fallback_when_keyless_access_is_not_set_up(fake_flyctl, healthy, tmp_path):
     fake_flyctl.add_app(APP, image=OLD_IMAGE)
     config = {**CONFIG, "fly_workload_identity_provider": ""}
@@ -112,6 +119,7 @@ def test_dry_run_prints_the_commands_and_runs_none(fake_flyctl):
     assert fake_flyctl.calls() == []
 
 
+@pytest.mark.slow
 def test_api_key_makes_a_strong_key_pipes_it_to_the_secret_and_prints_it_once(fake_flyctl):
     fake_flyctl.add_app(APP, image=OLD_IMAGE)
     result = invoke("fly.api-key", **CONFIG)
@@ -146,6 +154,7 @@ def test_api_key_refuses_bad_requests_before_calling_flyctl(fake_flyctl):
     assert fake_flyctl.calls() == []
 
 
+@pytest.mark.slow
 def test_deploy_to_an_app_with_keys_sends_the_configured_key(fake_flyctl, keyed, monkeypatch):
     fake_flyctl.add_app(APP, image=OLD_IMAGE)
     refused = invoke("deploy", "--target", "fly", "--tag", "k1", **CONFIG, fly_url=keyed)

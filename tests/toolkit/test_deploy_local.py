@@ -7,12 +7,14 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 
 from tests.support.models import ROOT
 from tests.support.ports import free_port
-from tests.support.processes import wait_for
+from tests.support.waiting import wait_for
 
 
+@pytest.mark.slow
 def test_deploy_local_on_a_fresh_clone_serves_the_demo_model(tmp_path):
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)

@@ -80,6 +80,7 @@ def test_lock_dry_run_prints_one_deterministic_pip_compile_per_lock():
         assert " -m piptools compile --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url " in line
 
 
+@pytest.mark.slow
 def test_audit_never_passes_on_packages_it_could_not_check():
     """Run pip-audit on the lock as `deps.audit` does; wherever its advisory source did not answer for a package
     (as on this machine), the task must exit 2 and say so instead of reporting a pass."""

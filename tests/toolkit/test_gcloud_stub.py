@@ -19,6 +19,8 @@ IMAGE = "us-central1-docker.pkg.dev/stub-project/onnx-serve/onnx-serve"
 PROBE = "httpGet.path=/health/ready,httpGet.port=8080,periodSeconds=5,timeoutSeconds=3,failureThreshold=24"
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_first_deploy_creates_a_ready_service_from_what_gcloud_sent(gcloud_stub):
     gcloud_stub.gcloud("run", "deploy", "svc", "--image", f"{IMAGE}:v1", *REGION, "--port", "8080",
                        "--set-env-vars", "A=B", "--startup-probe", PROBE, "--cpu-boost", "--cpu", "2",
@@ -56,6 +58,7 @@ def test_first_deploy_creates_a_ready_service_from_what_gcloud_sent(gcloud_stub)
     assert re.fullmatch(r"https://svc-[0-9a-f]{10}-uc\.a\.run\.app", service["status"]["url"])
 
 
+@pytest.mark.gcloud
 def test_no_traffic_on_a_new_service_is_refused_by_gcloud_before_it_creates_anything(gcloud_stub):
     result = gcloud_stub.gcloud("run", "deploy", "svc", "--image", f"{IMAGE}:v1", *REGION, "--no-traffic",
                                 "--tag", "cand", check=False)
@@ -66,6 +69,8 @@ def test_no_traffic_on_a_new_service_is_refused_by_gcloud_before_it_creates_anyt
     assert gcloud_stub.services == {}
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_tagged_no_traffic_deploy_then_promote_rollback_and_back_to_latest(gcloud_stub):
     gcloud_stub.seed_service("svc", f"{IMAGE}:v1")
     (first,) = [r["metadata"]["name"] for r in gcloud_stub.revisions("svc")]
@@ -101,6 +106,7 @@ def test_tagged_no_traffic_deploy_then_promote_rollback_and_back_to_latest(gclou
     assert sorted(r["metadata"]["name"] for r in json.loads(listed.stdout)) == sorted([first, second])
 
 
+@pytest.mark.gcloud
 def test_allow_unauthenticated_binds_all_users_as_invoker(gcloud_stub):
     gcloud_stub.gcloud("run", "deploy", "pub", "--image", f"{IMAGE}:v1", *REGION, "--allow-unauthenticated")
 
@@ -109,6 +115,7 @@ def test_allow_unauthenticated_binds_all_users_as_invoker(gcloud_stub):
         "getIamPolicy", "setIamPolicy"]
 
 
+@pytest.mark.gcloud
 def test_an_injected_4xx_fails_the_next_write_and_changes_nothing(gcloud_stub):
     gcloud_stub.seed_service("svc", f"{IMAGE}:v1")
     gcloud_stub.fail_next(403, "Permission 'run.services.update' denied on resource 'svc'.")
@@ -121,6 +128,8 @@ def test_an_injected_4xx_fails_the_next_write_and_changes_nothing(gcloud_stub):
     assert gcloud_stub.requests[-1].status == 403
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_a_revision_that_fails_its_startup_probe_fails_the_deploy_and_keeps_the_old_one_serving(gcloud_stub):
     gcloud_stub.seed_service("svc", f"{IMAGE}:v1")
     (first,) = [r["metadata"]["name"] for r in gcloud_stub.revisions("svc")]
@@ -133,6 +142,8 @@ def test_a_revision_that_fails_its_startup_probe_fails_the_deploy_and_keeps_the_
     assert gcloud_stub.traffic("svc") == [{"revisionName": first, "latestRevision": True, "percent": 100}]
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_builds_submit_uploads_the_source_and_sends_steps_and_substitutions(gcloud_stub, tmp_path):
     source = tmp_path / "src"
     source.mkdir()
@@ -164,6 +175,8 @@ def test_builds_submit_uploads_the_source_and_sends_steps_and_substitutions(gclo
            "us-central1-docker.pkg.dev/stub-project/models/svc:abc1234 ." in result.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_builds_submit_fails_on_an_unused_substitution_as_cloud_build_does(gcloud_stub, tmp_path):
     (tmp_path / "cloudbuild.yaml").write_text("steps: [{name: gcr.io/cloud-builders/docker, args: [version]}]\n")
 
@@ -174,6 +187,8 @@ def test_builds_submit_fails_on_an_unused_substitution_as_cloud_build_does(gclou
     assert 'key "_UNUSED" in the substitution data is not matched in the template' in result.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_a_failed_build_fails_builds_submit(gcloud_stub, tmp_path):
     (tmp_path / "cloudbuild.yaml").write_text(
         "steps: [{name: gcr.io/cloud-builders/docker, args: [version]}]\noptions: {logging: CLOUD_LOGGING_ONLY}\n")
@@ -212,6 +227,8 @@ def test_label_selectors_as_gcloud_writes_them():
     assert not _selector_matches("serving.knative.dev/service = other", labels)
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_a_new_project_refuses_what_is_not_set_up_as_google_does(gcloud_stub):
     gcloud_stub.new_project()
     deploy = ["run", "deploy", "svc", "--image", f"{IMAGE}:v1", *REGION,
@@ -235,6 +252,8 @@ def test_a_new_project_refuses_what_is_not_set_up_as_google_does(gcloud_stub):
         "runtime@stub-project.iam.gserviceaccount.com"
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_a_model_release_revision_reuses_the_image_digest_and_traffic_moves_in_steps(gcloud_stub):
     """What `invoke release` sends: `services update` with the serving revision's digest, the model env, no
     traffic and a tag; then `update-traffic --to-revisions CAND=P`, gcloud giving the rest to the serving one."""

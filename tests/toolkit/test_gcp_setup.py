@@ -29,6 +29,8 @@ def empty_project(gcloud_stub):
     return gcloud_stub
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_an_empty_project_goes_to_a_smoke_tested_service_running_as_the_least_privilege_account(empty_project, healthy):
     stub = empty_project
     before = invoke("deploy", "--target", "cloudrun", "--tag", "abc1234", **CONFIG)
@@ -63,6 +65,8 @@ def test_an_empty_project_goes_to_a_smoke_tested_service_running_as_the_least_pr
     assert created["spec"]["template"]["spec"]["serviceAccountName"] == RUNTIME
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_fly_trust_is_a_pool_and_provider_for_this_app_only_bound_to_the_runtime_account(empty_project):
     stub = empty_project
     setup = invoke("gcp.setup", "--fly", "--no-cloudrun", **FLY)
@@ -90,6 +94,8 @@ def test_fly_trust_is_a_pool_and_provider_for_this_app_only_bound_to_the_runtime
     assert len(stub.admin.members(f"sa/{RUNTIME}", "roles/iam.workloadIdentityUser")) == 1
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_a_missing_permission_is_named_with_the_grant_that_fixes_it(empty_project):
     empty_project.fail_next(403, "Permission 'iam.serviceAccounts.create' denied on resource (or it may not exist).",
                             method="POST", path_contains="/serviceAccounts")
@@ -101,6 +107,8 @@ def test_a_missing_permission_is_named_with_the_grant_that_fixes_it(empty_projec
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_a_disabled_api_is_named_with_the_command_that_enables_it(empty_project):
     empty_project.admin.enabled.discard("serviceusage.googleapis.com")
     result = invoke("gcp.setup", **CONFIG)
@@ -109,6 +117,8 @@ def test_a_disabled_api_is_named_with_the_command_that_enables_it(empty_project)
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_a_missing_model_bucket_says_how_to_create_it(gcloud_stub):
     result = invoke("gcp.setup", **CONFIG)
     assert result.returncode == 1
@@ -116,6 +126,7 @@ def test_a_missing_model_bucket_says_how_to_create_it(gcloud_stub):
     assert "gcloud storage buckets create gs://my-models" in result.stderr
 
 
+@pytest.mark.gcloud
 def test_dry_run_prints_every_command_and_calls_no_api(gcloud_stub):
     result = invoke("gcp.setup", "--fly", "--dry-run", **FLY)
     assert result.returncode == 0, result.stderr

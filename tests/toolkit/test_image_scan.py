@@ -23,6 +23,8 @@ def scan(*args: str, **config: str):
     return invoke("image.scan", "--tag", "abc1234", *args, **{**CONFIG, **config})
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_a_clean_image_passes_and_the_scan_is_of_the_pushed_image(scanning):
     scanning.findings = [finding("CVE-2025-0001", "LOW", "zlib1g", "1:1.2.13.dfsg-1")]
     done = scan()
@@ -33,6 +35,8 @@ def test_a_clean_image_passes_and_the_scan_is_of_the_pushed_image(scanning):
     assert made["resourceUri"] == IMAGE and made["packages"]  # what gcloud's extractor listed
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_a_finding_above_the_limit_fails_with_its_id_and_the_fix(scanning):
     scanning.findings = [finding("CVE-2025-1111", "CRITICAL", "openssl", "3.0.11-1~deb12u1", fixed="3.0.15-1~deb12u1"),
                          finding("CVE-2025-2222", "MEDIUM", "tar", "1.34+dfsg-1.2")]  # fmt: skip
@@ -46,6 +50,8 @@ def test_a_finding_above_the_limit_fails_with_its_id_and_the_fix(scanning):
     assert lower.returncode == 1 and "2 finding(s) above LOW" in lower.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_an_allowlisted_finding_is_accepted_and_shown(scanning, tmp_path):
     scanning.findings = [finding("CVE-2025-1111", "CRITICAL", "openssl", "3.0.11-1~deb12u1")]
     allowlist = tmp_path / "accepted.txt"
@@ -55,6 +61,7 @@ def test_an_allowlisted_finding_is_accepted_and_shown(scanning, tmp_path):
     assert "accepted CRITICAL CVE-2025-1111" in done.stdout
 
 
+@pytest.mark.gcloud
 def test_bad_settings_fail_before_gcloud_runs(scanning, gcloud_stub):
     wrong = scan("--max-severity", "severe")
     assert wrong.returncode == 1 and "image.max_severity must be one of MINIMAL, LOW, MEDIUM, HIGH, CRITICAL" in wrong.stderr
@@ -63,6 +70,7 @@ def test_bad_settings_fail_before_gcloud_runs(scanning, gcloud_stub):
     assert gcloud_stub.requests_to(api="ondemandscanning") == []
 
 
+@pytest.mark.gcloud
 def test_a_disabled_scanning_api_says_how_to_enable_it(gcloud_stub):
     # No On-Demand Scanning plugged in: the API answers 404, as a project without it does not serve it.
     done = scan()
@@ -70,6 +78,7 @@ def test_a_disabled_scanning_api_says_how_to_enable_it(gcloud_stub):
     assert "invoke gcp.setup --scanning" in done.stderr
 
 
+@pytest.mark.gcloud
 def test_dry_run_prints_both_gcloud_commands(gcloud_stub):
     done = scan("--dry-run")
     assert done.returncode == 0, done.stderr
@@ -81,6 +90,8 @@ def test_dry_run_prints_both_gcloud_commands(gcloud_stub):
 SETUP = {"gcp_project": "stub-project", "model_uri": "gs://my-models/demo.onnx"}
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_gcp_setup_scanning_enables_the_scanners_once(gcloud_stub):
     gcloud_stub.new_project()
     gcloud_stub.seed_bucket("my-models")
@@ -92,6 +103,8 @@ def test_gcp_setup_scanning_enables_the_scanners_once(gcloud_stub):
     assert again.returncode == 0 and "created" not in again.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_a_deploy_that_requires_a_scan_stops_before_cloud_run_on_a_failing_one(scanning, gcloud_stub, healthy):
     from tests.toolkit.test_deploy_cloudrun import CONFIG as DEPLOY
 

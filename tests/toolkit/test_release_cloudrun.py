@@ -45,6 +45,8 @@ def candidate_of(stub, tag: str = TAG) -> str:
     return next(t["revisionName"] for t in stub.traffic(SERVICE) if t.get("tag") == tag)
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_release_reuses_the_serving_digest_moves_traffic_in_steps_and_records_the_model(gcloud_stub, monitoring_stub,
                                                                                          project):
     config, record, stable = project
@@ -90,6 +92,8 @@ def test_release_reuses_the_serving_digest_moves_traffic_in_steps_and_records_th
     assert yaml.safe_load(record.read_text())["model"]["uri"] == OLD_MODEL
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 @pytest.mark.parametrize("figures, reason", [
     (RevisionFigures({"2xx": 950, "5xx": 50}, 120.0), "answered 5xx to 5.00% of 1000 requests (limit 1.00%"),
     (RevisionFigures({"2xx": 1000}, 900.0), "p99 900 ms is 7.50x the stable 120 ms (limit 1.5x)"),
@@ -108,6 +112,8 @@ def test_a_failed_gate_sends_all_traffic_back_to_the_stable_revision(gcloud_stub
     assert yaml.safe_load(record.read_text())["model"]["uri"] == OLD_MODEL  # nothing recorded
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_too_few_requests_hold_the_split_instead_of_promoting(gcloud_stub, monitoring_stub, project):
     config, record, stable = project
     monitoring_stub.default = NO_TRAFFIC
@@ -129,6 +135,8 @@ def test_too_few_requests_hold_the_split_instead_of_promoting(gcloud_stub, monit
     assert shares == [{stable: 50, candidate: 50}, {candidate: 100}]
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_a_failed_smoke_test_leaves_traffic_where_it_was(gcloud_stub, monitoring_stub, project, broken):
     config, record, stable = project
     gcloud_stub.state.urls[TAG] = broken
@@ -139,6 +147,7 @@ def test_a_failed_smoke_test_leaves_traffic_where_it_was(gcloud_stub, monitoring
     assert len(gcloud_stub.sent_services(SERVICE)) == 1 and monitoring_stub.queries == []
 
 
+@pytest.mark.gcloud
 def test_cheap_checks_fail_before_gcloud_runs(gcloud_stub, project):
     config, record, stable = project
     long_name = dict(config, cloudrun_service="a-very-long-service-name-for-models")
@@ -148,6 +157,7 @@ def test_cheap_checks_fail_before_gcloud_runs(gcloud_stub, project):
     assert loose.returncode == 1 and "pin it with #GENERATION or --sha256" in loose.stderr
 
 
+@pytest.mark.gcloud
 def test_dry_run_prints_every_command_and_query_and_runs_none(gcloud_stub, monitoring_stub, project):
     config, record, stable = project
     result = release(config, "--dry-run")
@@ -177,6 +187,8 @@ def in_storage(gcloud_stub, project, emulator, monkeypatch):
     return upload
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_the_compare_gate_stops_a_breaking_candidate_before_any_change(gcloud_stub, project, in_storage, tmp_path):
     config, record, stable = project
     model, tag = in_storage(variants.renamed_output(DEMO_MODEL, tmp_path / "renamed.onnx", "probabilities", "probs"))
@@ -189,6 +201,8 @@ def test_the_compare_gate_stops_a_breaking_candidate_before_any_change(gcloud_st
     assert gcloud_stub.sent_services(SERVICE) == [] and serving(gcloud_stub) == {stable: 100}
 
 
+@pytest.mark.slow
+@pytest.mark.gcloud
 def test_a_compatible_candidate_passes_the_compare_and_its_answers_match_over_http(gcloud_stub, project, in_storage,
                                                                                    healthy, tmp_path):
     config, record, stable = project

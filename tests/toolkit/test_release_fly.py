@@ -35,6 +35,7 @@ def machine_env(fake) -> list[dict]:
     return [m["config"]["env"] for m in fake.app(APP)["machines"]]
 
 
+@pytest.mark.slow
 def test_release_redeploys_the_serving_image_blue_green_with_only_the_model_changed(fake_flyctl, project, healthy):
     config, record = project
     result = release(config, healthy)
@@ -62,6 +63,7 @@ def test_release_redeploys_the_serving_image_blue_green_with_only_the_model_chan
     assert yaml.safe_load(record.read_text())["model"]["uri"] == OLD_MODEL
 
 
+@pytest.mark.slow
 def test_a_failed_smoke_test_brings_the_previous_model_back(fake_flyctl, project, broken):
     config, record = project
     result = release(config, broken)
@@ -86,6 +88,7 @@ def test_a_failed_blue_green_deploy_changes_nothing_more(fake_flyctl, project, h
     assert "the blue-green deploy failed, the previous Machines keep serving" in line and "the app crashed)" in line
 
 
+@pytest.mark.slow
 def test_the_compare_gate_runs_against_the_model_the_machines_serve(fake_flyctl, tmp_path, healthy, emulator,
                                                                     monkeypatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.host)

@@ -9,6 +9,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from tests.support.fake_service import fake_service
 from tests.support.models import ROOT, linear_model
 from tests.support.ports import free_port
@@ -24,6 +26,7 @@ def quiet(_):
     pass
 
 
+@pytest.mark.slow
 def test_passes_once_the_model_loads_after_a_delay(tmp_path):
     port = free_port()
     store = tmp_path / "storage"
@@ -33,6 +36,7 @@ def test_passes_once_the_model_loads_after_a_delay(tmp_path):
         emulator.upload("late", "m.onnx", linear_model(tmp_path / "m.onnx"))
     seen = []
     with run_service("gs://late/m.onnx", tmp_path, STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{port}") as service:
+        service.wait_answering()  # a loaded machine can take longer than the 3 s to start gunicorn
 
         def storage_comes_up_late():
             time.sleep(3)
@@ -51,14 +55,17 @@ def test_passes_once_the_model_loads_after_a_delay(tmp_path):
     assert result.seconds >= 2.5
 
 
+@pytest.mark.slow
 def test_times_out_when_the_model_never_loads(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"
     with run_service("gs://never/m.onnx", tmp_path, STORAGE_EMULATOR_HOST=dead) as service:
+        service.wait_health(lambda body: body["step"] == "downloading", what="the download to begin")
         result = smoke.check(service.url, timeout=3, progress=quiet)
     assert not result.ok
     assert result.reason.startswith("timed out") and "503 loading (downloading)" in result.reason
 
 
+@pytest.mark.slow
 def test_reports_the_load_failure_reason(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"no model here")
@@ -93,6 +100,7 @@ def test_private_service_needs_the_token(tmp_path):
     assert received[-1]["body"] == {"inputs": {"features": [[0.5, 0.5, 0.5, 0.5]]}}
 
 
+@pytest.mark.slow
 def test_invoke_smoke_exit_codes_and_json(demo_model, tmp_path):
     with run_service(str(demo_model), tmp_path) as service:
         passed = subprocess.run([*INVOKE, "smoke", "--url", service.url, "--json"], cwd=ROOT, capture_output=True,
@@ -130,6 +138,7 @@ def test_download_progress_is_a_live_line_on_a_terminal_and_plain_lines_otherwis
     assert len(lines) == 2  # the live line went to the terminal only
 
 
+@pytest.mark.slow
 def test_the_json_verdict_carries_the_load_figures(demo_model, tmp_path):
     with run_service(str(demo_model), tmp_path) as service:
         result = smoke.check(service.url, timeout=60, progress=None)
@@ -162,6 +171,7 @@ def test_an_api_key_goes_in_authorization_alone_and_in_x_api_key_beside_a_platfo
     assert wrong.reason == "/metadata answered 401: the API key sent is not one of the service's API_KEYS"
 
 
+@pytest.mark.slow
 def test_invoke_smoke_takes_the_key_from_the_flag_config_or_environment(keyed):
     import os
 
