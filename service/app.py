@@ -226,7 +226,7 @@ class Endpoint:
         try:
             return await self._answer(scope, receive, send, headers, held)
         except OverBudget as exc:
-            return await self._refuse(exc, receive, send, body_read=not headers.get(b"content-length", b"").isdigit())
+            return await self._refuse(exc, send)
         finally:
             if held[0]:
                 self.budget.release(held[0])
@@ -234,16 +234,11 @@ class Endpoint:
                     self.metrics.memory(self.budget.limit.bytes, self.budget.total, self.budget.in_use)
 
     async def _admit(self, body_bytes: int, held: list[int]) -> None:
-        cost = request_cost(body_bytes)
-        await self.budget.admit(cost)
-        held[0] += cost
+        held[0] += await self.budget.admit(request_cost(body_bytes))
 
-    async def _refuse(self, exc: OverBudget, receive: Any, send: Any, body_read: bool) -> tuple[int, int]:
-        """Answer a request the memory budget refused: its body read and dropped first (a connection closed on an
-        unread body is reset, and the client may never see the answer), then 503 with Retry-After, or 413."""
-        if not body_read:
-            with contextlib.suppress(ClientDisconnect):
-                await discard_body(receive)
+    async def _refuse(self, exc: OverBudget, send: Any) -> tuple[int, int]:
+        """Answer a request the memory budget refused: 503 with Retry-After, or 413. Its body, unread, is read and
+        dropped by the HTTP protocol after the answer (service/worker.py), never left to reset the connection."""
         if self.metrics is not None:
             self.metrics.memory(self.budget.limit.bytes, self.budget.total, self.budget.in_use, refused=exc.status)
         extra = [(b"retry-after", b"1")] if exc.status == 503 else []
@@ -337,16 +332,6 @@ async def read_body(headers: dict[bytes, bytes], receive: Any, limit: int) -> by
         chunks.append(chunk)
         more = message.get("more_body", False)
     return b"".join(chunks)
-
-
-async def discard_body(receive: Any) -> None:
-    """Read a request's body to its end, keeping none of it."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        if not message.get("more_body", False):
-            return
 
 
 def _exit_if_load_fails(store: ModelStore, settings: Settings) -> None:
