@@ -234,7 +234,9 @@ class Endpoint:
                     self.metrics.memory(self.budget.limit.bytes, self.budget.total, self.budget.in_use)
 
     async def _admit(self, body_bytes: int, held: list[int]) -> None:
-        held[0] += await self.budget.admit(request_cost(body_bytes))
+        cost = request_cost(body_bytes)
+        taken = self.budget.take_now(cost)
+        held[0] += await self.budget.admit(cost) if taken is None else taken
 
     async def _refuse(self, exc: OverBudget, send: Any) -> tuple[int, int]:
         """Answer a request the memory budget refused: 503 with Retry-After, or 413. Its body, unread, is read and
@@ -249,15 +251,19 @@ class Endpoint:
     ) -> tuple[int, int]:
         protocol = self.protocol
         try:
-            declared = headers.get(b"content-length", b"")
-            if declared.isdigit() and int(declared) <= self.max_body_bytes:
-                await self._admit(int(declared), held)  # before a byte of the body is read
-            body = await read_body(headers, receive, self.max_body_bytes)
-            if not declared.isdigit():
+            declared = headers.get(b"content-length")
+            length = int(declared) if declared is not None and declared.isdigit() else None
+            if length is not None:
+                if length > self.max_body_bytes:
+                    raise BadRequest(f"request body of {length} bytes is over the {self.max_body_bytes}-byte limit "
+                                     "(MAX_BODY_BYTES)", 413)  # fmt: skip
+                await self._admit(length, held)  # before a byte of the body is read
+            body = await read_body(receive, self.max_body_bytes)
+            if length is None:
                 await self._admit(len(body), held)  # chunked: by the bytes read
-            loop = asyncio.get_running_loop()
             if len(body) > INLINE_BODY_BYTES:
                 # The request's trace id rides along to log lines written in the pool.
+                loop = asyncio.get_running_loop()
                 handle = contextvars.copy_context().run
                 decoded, answer = await loop.run_in_executor(self.executor, handle, self._large, body, headers)
                 if answer is not None:
@@ -273,7 +279,8 @@ class Endpoint:
                 raise rejected_by_model(exc.cause, self.store.inputs, feeds) from None
             if _output_bytes(values) > INLINE_OUTPUT_BYTES:
                 handle = contextvars.copy_context().run
-                payload, headers_out = await loop.run_in_executor(self.executor, handle, protocol.encode, request, values)
+                payload, headers_out = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, handle, protocol.encode, request, values)  # fmt: skip
             else:
                 payload, headers_out = protocol.encode(request, values)
         except BadRequest as exc:
@@ -297,7 +304,10 @@ class Endpoint:
 
 
 def _output_bytes(values: list) -> int:
-    return sum(value.nbytes if isinstance(value, np.ndarray) else INLINE_OUTPUT_BYTES for value in values)
+    size = 0
+    for value in values:
+        size += value.nbytes if isinstance(value, np.ndarray) else INLINE_OUTPUT_BYTES
+    return size
 
 
 async def _send(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> tuple[int, int]:
@@ -315,13 +325,18 @@ def not_ready(store: ModelStore) -> JSONResponse | None:
     return JSONResponse({"detail": reason}, status_code=503, headers={"Retry-After": RETRY_AFTER_SECONDS})
 
 
-async def read_body(headers: dict[bytes, bytes], receive: Any, limit: int) -> bytes:
-    declared = headers.get(b"content-length", b"").decode("latin-1")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise BadRequest(f"request body of {declared} bytes is over the {limit}-byte limit (MAX_BODY_BYTES)", 413)
-    chunks, size = [], 0
-    more = True
-    while more:
+async def read_body(receive: Any, limit: int) -> bytes:
+    """The request's body, up to `limit` bytes (413 beyond); ClientDisconnect if the client goes away."""
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientDisconnect()
+    body = message.get("body", b"")
+    if len(body) > limit:
+        raise BadRequest(f"request body is over the {limit}-byte limit (MAX_BODY_BYTES)", 413)
+    if not message.get("more_body", False):
+        return body  # the whole body in one message: every body the server has whole when the app asks
+    chunks, size = [body], len(body)
+    while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnect()
@@ -330,8 +345,8 @@ async def read_body(headers: dict[bytes, bytes], receive: Any, limit: int) -> by
         if size > limit:
             raise BadRequest(f"request body is over the {limit}-byte limit (MAX_BODY_BYTES)", 413)
         chunks.append(chunk)
-        more = message.get("more_body", False)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def _exit_if_load_fails(store: ModelStore, settings: Settings) -> None:
@@ -409,7 +424,10 @@ class AccessLog:
 
 def _trace(headers: dict[bytes, bytes]) -> Any:
     """Set the request's trace for every line logged while serving it; the token to reset it, or None."""
-    trace = logs.trace_from_headers(headers.get(b"traceparent"), headers.get(b"x-cloud-trace-context"))
+    traceparent, cloud_trace = headers.get(b"traceparent"), headers.get(b"x-cloud-trace-context")
+    if traceparent is None and cloud_trace is None:
+        return None
+    trace = logs.trace_from_headers(traceparent, cloud_trace)
     return logs.current_trace.set(trace) if trace else None
 
 

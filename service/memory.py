@@ -172,21 +172,31 @@ class MemoryBudget:
         self.decode_reserve = decoders * largest_body * DECODE_BYTES_PER_BODY_BYTE
         self.total = max(0, share - self.baseline - reserve - self.decode_reserve)
 
-    async def admit(self, cost: int) -> int:
-        """Reserve `cost` bytes, waiting up to `wait_seconds`; raises OverBudget. Returns the bytes taken, for
-        `release`: 0 while there is no budget."""
+    def take_now(self, cost: int) -> int | None:
+        """`admit` when it needs no wait: the bytes taken (0 while there is no budget), or None when the request
+        must wait or be refused (then `admit` it). Every request goes through here first, without an await."""
         total = self.total
         if total is None or cost <= 0:
             return 0
+        if not self.waiters and self.in_use + cost <= total:
+            self._take(cost)
+            return cost
+        return None
+
+    async def admit(self, cost: int) -> int:
+        """Reserve `cost` bytes, waiting up to `wait_seconds`; raises OverBudget. Returns the bytes taken, for
+        `release`: 0 while there is no budget."""
+        taken = self.take_now(cost)
+        if taken is not None:
+            return taken
+        total = self.total
+        assert total is not None
         if cost > total:
             self.refused += 1
             raise OverBudget(
                 f"this request needs about {cost // MIB} MiB, more than this instance's {total // MIB} MiB "
                 "budget for requests in flight; send fewer rows per request, or give the container more memory "
                 "(or lower MAX_BODY_BYTES or INFERENCE_THREADS, which set memory aside for decoding)", 413)
-        if not self.waiters and self.in_use + cost <= total:
-            self._take(cost)
-            return cost
         granted = asyncio.get_running_loop().create_future()
         entry = (cost, granted)
         self.waiters.append(entry)
