@@ -31,6 +31,7 @@ from service.model_store import LoadState, ModelStore, take_early_store
 from service.payload import BadRequest, decode_inputs, encode_outputs, rejected_by_model
 from service.scheduler import BatchPolicy, ModelRejected, Scheduler, batch_safety
 from service.settings import Settings, SettingsError, load_settings
+from service.worker import requests_in_flight
 
 log = logging.getLogger("service.app")
 
@@ -45,7 +46,8 @@ def create_app(settings: Settings) -> InferenceApp:
     store = take_early_store(settings) or ModelStore(settings)  # its download may have begun at fork
     executor = ThreadPoolExecutor(max_workers=settings.run_threads, thread_name_prefix="inference")
     metrics = Recorder(settings.metrics_flush_seconds) if settings.metrics_port else None
-    scheduler = Scheduler(store.run, executor, BatchPolicy(False, "the model is not loaded yet"), observer=metrics)
+    scheduler = Scheduler(store.run, executor, BatchPolicy(False, "the model is not loaded yet"), observer=metrics,
+                          in_flight=requests_in_flight)
 
     def self_test() -> None:
         scheduler.policy = batch_safety(

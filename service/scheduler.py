@@ -96,9 +96,12 @@ class Scheduler:
     Lives on one event loop (the worker's); `submit` is its only entry point.
     """
 
-    def __init__(self, runner: Runner, executor: Executor, policy: BatchPolicy, observer: Any = None):
+    def __init__(self, runner: Runner, executor: Executor, policy: BatchPolicy, observer: Any = None,
+                 in_flight: Callable[[], int | None] | None = None):
         self.runner, self.executor, self.policy = runner, executor, policy
         self.observer = observer  # metrics: .batch(rows, requests, seconds), .queue_depth(n); optional
+        # The worker's requests begun and not answered (service/worker.py), None if unknown; optional.
+        self.in_flight = in_flight
         self.queue: deque[_Pending] = deque()
         self.busy = False  # a batch is running (or scheduled to run) now
         self._timer: asyncio.TimerHandle | None = None
@@ -162,14 +165,17 @@ class Scheduler:
 
         It yields once, so that requests parsed in the same turn of the event loop queue behind it, then runs
         them all as one batch (on the loop if cheap, else in the pool) and hands each its rows. What queued
-        meanwhile starts the next batch as usual. At low load that is one loop turn and no future per request.
+        meanwhile starts the next batch as usual. At low load that is one loop turn and no future per request;
+        a request alone in the worker (the server says so) skips even that turn: no one is there to join it.
         """
         self.busy = True
-        try:
-            await asyncio.sleep(0)
-        except BaseException:  # cancelled before it took anything: let the queue go on without it
-            self._release(loop)
-            raise
+        others = self.in_flight() if self.in_flight is not None else None
+        if others is None or others > 1:
+            try:
+                await asyncio.sleep(0)
+            except BaseException:  # cancelled before it took anything: let the queue go on without it
+                self._release(loop)
+                raise
         if self.queue:
             batch = [leader, *self._take(leader)]
         else:  # no one joined (the usual case at low load): a cheap run needs none of a batch's bookkeeping

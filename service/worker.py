@@ -220,6 +220,16 @@ class DrainingServer(Server):
         )
 
 
+_serving: Any = None  # this process's uvicorn ServerState, once a Worker serves
+
+
+def requests_in_flight() -> int | None:
+    """The requests this worker has begun (headers read) and not yet answered, this one included; None when the
+    app is not served by this module's Worker (in-process tests, other servers). The batching scheduler reads it:
+    a request alone in the worker has no one to wait a loop turn for."""
+    return None if _serving is None else len(_serving.tasks)
+
+
 class Worker(UvicornWorker):
     """uvicorn-worker's UvicornWorker (uvloop, httptools) serving through DrainingServer."""
 
@@ -227,8 +237,10 @@ class Worker(UvicornWorker):
 
     async def _serve(self) -> None:
         # As UvicornWorker._serve, with DrainingServer.
+        global _serving
         self.config.app = self.wsgi
         server = DrainingServer(config=self.config)
+        _serving = server.server_state
         self._install_sigquit_handler()
         await server.serve(sockets=self.sockets)
         if not server.started:
