@@ -78,6 +78,8 @@ def create_app(settings: Settings) -> InferenceApp:
             metrics.memory_measured(budget.limit.bytes, budget.total)
 
     store.after_load.append(("measuring the memory budget", measure_memory))
+    if metrics:
+        metrics.watch_memory(budget)
     store.after_load.append(("freezing start-up objects", _freeze_heap))
 
     @contextlib.asynccontextmanager
@@ -232,19 +234,12 @@ class Endpoint:
         finally:
             if held[0]:
                 self.budget.release(held[0])
-                if self.metrics is not None:
-                    self.metrics.memory(self.budget.limit.bytes, self.budget.total, self.budget.in_use)
-
-    async def _admit(self, body_bytes: int, held: list[int]) -> None:
-        cost = request_cost(body_bytes)
-        taken = self.budget.take_now(cost)
-        held[0] += await self.budget.admit(cost) if taken is None else taken
 
     async def _refuse(self, exc: OverBudget, send: Any) -> tuple[int, int]:
         """Answer a request the memory budget refused: 503 with Retry-After, or 413. Its body, unread, is read and
         dropped by the HTTP protocol after the answer (service/worker.py), never left to reset the connection."""
         if self.metrics is not None:
-            self.metrics.memory(self.budget.limit.bytes, self.budget.total, self.budget.in_use, refused=exc.status)
+            self.metrics.memory_refused(exc.status)
         extra = [(b"retry-after", b"1")] if exc.status == 503 else []
         return await _send(send, *self.protocol.error(str(exc), exc.status), [JSON_CONTENT, *extra])
 
@@ -259,10 +254,12 @@ class Endpoint:
                 if length > self.max_body_bytes:
                     raise BadRequest(f"request body of {length} bytes is over the {self.max_body_bytes}-byte limit "
                                      "(MAX_BODY_BYTES)", 413)  # fmt: skip
-                await self._admit(length, held)  # before a byte of the body is read
+                cost = request_cost(length)
+                taken = self.budget.take_now(cost)  # before a byte of the body is read; no await when it fits
+                held[0] = taken if taken is not None else await self.budget.admit(cost)
             body = await read_body(receive, self.max_body_bytes)
             if length is None:
-                await self._admit(len(body), held)  # chunked: by the bytes read
+                held[0] = await self.budget.admit(request_cost(len(body)))  # chunked: by the bytes read
             if len(body) > INLINE_BODY_BYTES:
                 # The request's trace id rides along to log lines written in the pool.
                 loop = asyncio.get_running_loop()

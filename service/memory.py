@@ -218,7 +218,8 @@ class MemoryBudget:
         if cost <= 0:
             return
         self.in_use -= cost
-        self._wake()
+        if self.waiters:
+            self._wake()
 
     def _withdraw(self, entry: tuple[int, asyncio.Future]) -> None:
         """A waiter that gives up (timed out, cancelled): out of the queue, and its cost given back if `_wake`
