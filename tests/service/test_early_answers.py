@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import httpx
 import pytest
@@ -90,3 +91,23 @@ def test_a_memory_budget_refusal_on_a_closing_connection_arrives_without_a_reset
                 assert got == 413 and "budget for requests in flight" in error["detail"], error
                 assert conn.recv(65536) == b""
         assert running.health()[1]["memory"]["in_use_bytes"] == 0
+
+
+@pytest.mark.slow
+def test_a_client_that_stops_sending_its_body_is_closed_after_the_idle_bound(service):
+    from service.worker import LINGER_IDLE_SECONDS
+
+    with socket.create_connection(("127.0.0.1", service.port), timeout=30) as conn:
+        head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(BODY)}\r\n"
+                "Connection: close\r\n\r\n").encode()  # fmt: skip
+        conn.sendall(head + BODY[:100_000])
+        got, _, error = answer(conn)
+        assert got == 401 and conn.recv(65536) == b""  # the answer, then the server's FIN
+        time.sleep(LINGER_IDLE_SECONDS / 2)
+        conn.sendall(BODY[100_000:200_000])  # still read and dropped: within the bound
+        time.sleep(LINGER_IDLE_SECONDS / 2 + 0.5)
+        conn.sendall(BODY[200_000:300_000])  # not within it: the connection was closed a moment ago
+        with pytest.raises(OSError):  # the kernel's reset of a closed socket, on the next send at the latest
+            for _ in range(50):
+                conn.sendall(b" " * 65536)
+                time.sleep(0.02)
