@@ -18,7 +18,9 @@ _LINE = re.compile(rf"{MARK} loop=(\S+) http=(\S+)")
 
 def _report(config: Any) -> None:
     loop = type(asyncio.get_running_loop())
-    protocol = config.http_protocol_class
+    # uvicorn's own protocol class (the service's worker subclasses httptools'): the parser it runs on.
+    protocol = next((c for c in config.http_protocol_class.__mro__ if c.__module__.startswith("uvicorn.protocols.http.")),
+                    config.http_protocol_class)  # fmt: skip
     print(f"{MARK} loop={loop.__module__}.{loop.__qualname__} http={protocol.__module__}.{protocol.__qualname__}",
           file=sys.stderr, flush=True)  # fmt: skip
 
@@ -48,13 +50,14 @@ def read(log: str) -> str:
 
 
 try:
-    import uvicorn_worker
+    from service.worker import Worker
 except ImportError:  # LitServe's environment has no gunicorn
     pass
 else:
 
-    class UvicornWorker(uvicorn_worker.UvicornWorker):
-        """The service's worker class, unchanged but for the probe line: `gunicorn -k bench.runtime_probe.UvicornWorker`."""
+    class UvicornWorker(Worker):
+        """The service's worker class (service/worker.py), unchanged but for the probe line:
+        `gunicorn -k bench.runtime_probe.UvicornWorker`."""
 
         async def _serve(self) -> None:
             load = self.config.load

@@ -31,6 +31,7 @@ from service.model_store import LoadState, ModelStore, take_early_store
 from service.payload import BadRequest, decode_inputs, encode_outputs, rejected_by_model
 from service.scheduler import BatchPolicy, ModelRejected, Scheduler, batch_safety
 from service.settings import Settings, SettingsError, load_settings
+from service.worker import requests_in_flight
 
 log = logging.getLogger("service.app")
 
@@ -45,7 +46,8 @@ def create_app(settings: Settings) -> InferenceApp:
     store = take_early_store(settings) or ModelStore(settings)  # its download may have begun at fork
     executor = ThreadPoolExecutor(max_workers=settings.run_threads, thread_name_prefix="inference")
     metrics = Recorder(settings.metrics_flush_seconds) if settings.metrics_port else None
-    scheduler = Scheduler(store.run, executor, BatchPolicy(False, "the model is not loaded yet"), observer=metrics)
+    scheduler = Scheduler(store.run, executor, BatchPolicy(False, "the model is not loaded yet"), observer=metrics,
+                          in_flight=requests_in_flight)
 
     def self_test() -> None:
         scheduler.policy = batch_safety(
@@ -76,6 +78,8 @@ def create_app(settings: Settings) -> InferenceApp:
             metrics.memory_measured(budget.limit.bytes, budget.total)
 
     store.after_load.append(("measuring the memory budget", measure_memory))
+    if metrics:
+        metrics.watch_memory(budget)
     store.after_load.append(("freezing start-up objects", _freeze_heap))
 
     @contextlib.asynccontextmanager
@@ -226,26 +230,16 @@ class Endpoint:
         try:
             return await self._answer(scope, receive, send, headers, held)
         except OverBudget as exc:
-            return await self._refuse(exc, receive, send, body_read=not headers.get(b"content-length", b"").isdigit())
+            return await self._refuse(exc, send)
         finally:
             if held[0]:
                 self.budget.release(held[0])
-                if self.metrics is not None:
-                    self.metrics.memory(self.budget.limit.bytes, self.budget.total, self.budget.in_use)
 
-    async def _admit(self, body_bytes: int, held: list[int]) -> None:
-        cost = request_cost(body_bytes)
-        await self.budget.admit(cost)
-        held[0] += cost
-
-    async def _refuse(self, exc: OverBudget, receive: Any, send: Any, body_read: bool) -> tuple[int, int]:
-        """Answer a request the memory budget refused: its body read and dropped first (a connection closed on an
-        unread body is reset, and the client may never see the answer), then 503 with Retry-After, or 413."""
-        if not body_read:
-            with contextlib.suppress(ClientDisconnect):
-                await discard_body(receive)
+    async def _refuse(self, exc: OverBudget, send: Any) -> tuple[int, int]:
+        """Answer a request the memory budget refused: 503 with Retry-After, or 413. Its body, unread, is read and
+        dropped by the HTTP protocol after the answer (service/worker.py), never left to reset the connection."""
         if self.metrics is not None:
-            self.metrics.memory(self.budget.limit.bytes, self.budget.total, self.budget.in_use, refused=exc.status)
+            self.metrics.memory_refused(exc.status)
         extra = [(b"retry-after", b"1")] if exc.status == 503 else []
         return await _send(send, *self.protocol.error(str(exc), exc.status), [JSON_CONTENT, *extra])
 
@@ -254,15 +248,21 @@ class Endpoint:
     ) -> tuple[int, int]:
         protocol = self.protocol
         try:
-            declared = headers.get(b"content-length", b"")
-            if declared.isdigit() and int(declared) <= self.max_body_bytes:
-                await self._admit(int(declared), held)  # before a byte of the body is read
-            body = await read_body(headers, receive, self.max_body_bytes)
-            if not declared.isdigit():
-                await self._admit(len(body), held)  # chunked: by the bytes read
-            loop = asyncio.get_running_loop()
+            declared = headers.get(b"content-length")
+            length = int(declared) if declared is not None and declared.isdigit() else None
+            if length is not None:
+                if length > self.max_body_bytes:
+                    raise BadRequest(f"request body of {length} bytes is over the {self.max_body_bytes}-byte limit "
+                                     "(MAX_BODY_BYTES)", 413)  # fmt: skip
+                cost = request_cost(length)
+                taken = self.budget.take_now(cost)  # before a byte of the body is read; no await when it fits
+                held[0] = taken if taken is not None else await self.budget.admit(cost)
+            body = await read_body(receive, self.max_body_bytes)
+            if length is None:
+                held[0] = await self.budget.admit(request_cost(len(body)))  # chunked: by the bytes read
             if len(body) > INLINE_BODY_BYTES:
                 # The request's trace id rides along to log lines written in the pool.
+                loop = asyncio.get_running_loop()
                 handle = contextvars.copy_context().run
                 decoded, answer = await loop.run_in_executor(self.executor, handle, self._large, body, headers)
                 if answer is not None:
@@ -278,7 +278,8 @@ class Endpoint:
                 raise rejected_by_model(exc.cause, self.store.inputs, feeds) from None
             if _output_bytes(values) > INLINE_OUTPUT_BYTES:
                 handle = contextvars.copy_context().run
-                payload, headers_out = await loop.run_in_executor(self.executor, handle, protocol.encode, request, values)
+                payload, headers_out = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, handle, protocol.encode, request, values)  # fmt: skip
             else:
                 payload, headers_out = protocol.encode(request, values)
         except BadRequest as exc:
@@ -302,7 +303,10 @@ class Endpoint:
 
 
 def _output_bytes(values: list) -> int:
-    return sum(value.nbytes if isinstance(value, np.ndarray) else INLINE_OUTPUT_BYTES for value in values)
+    size = 0
+    for value in values:
+        size += value.nbytes if isinstance(value, np.ndarray) else INLINE_OUTPUT_BYTES
+    return size
 
 
 async def _send(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> tuple[int, int]:
@@ -320,13 +324,18 @@ def not_ready(store: ModelStore) -> JSONResponse | None:
     return JSONResponse({"detail": reason}, status_code=503, headers={"Retry-After": RETRY_AFTER_SECONDS})
 
 
-async def read_body(headers: dict[bytes, bytes], receive: Any, limit: int) -> bytes:
-    declared = headers.get(b"content-length", b"").decode("latin-1")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise BadRequest(f"request body of {declared} bytes is over the {limit}-byte limit (MAX_BODY_BYTES)", 413)
-    chunks, size = [], 0
-    more = True
-    while more:
+async def read_body(receive: Any, limit: int) -> bytes:
+    """The request's body, up to `limit` bytes (413 beyond); ClientDisconnect if the client goes away."""
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientDisconnect()
+    body = message.get("body", b"")
+    if len(body) > limit:
+        raise BadRequest(f"request body is over the {limit}-byte limit (MAX_BODY_BYTES)", 413)
+    if not message.get("more_body", False):
+        return body  # the whole body in one message: every body the server has whole when the app asks
+    chunks, size = [body], len(body)
+    while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnect()
@@ -335,18 +344,8 @@ async def read_body(headers: dict[bytes, bytes], receive: Any, limit: int) -> by
         if size > limit:
             raise BadRequest(f"request body is over the {limit}-byte limit (MAX_BODY_BYTES)", 413)
         chunks.append(chunk)
-        more = message.get("more_body", False)
-    return b"".join(chunks)
-
-
-async def discard_body(receive: Any) -> None:
-    """Read a request's body to its end, keeping none of it."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
         if not message.get("more_body", False):
-            return
+            return b"".join(chunks)
 
 
 def _exit_if_load_fails(store: ModelStore, settings: Settings) -> None:
@@ -424,7 +423,10 @@ class AccessLog:
 
 def _trace(headers: dict[bytes, bytes]) -> Any:
     """Set the request's trace for every line logged while serving it; the token to reset it, or None."""
-    trace = logs.trace_from_headers(headers.get(b"traceparent"), headers.get(b"x-cloud-trace-context"))
+    traceparent, cloud_trace = headers.get(b"traceparent"), headers.get(b"x-cloud-trace-context")
+    if traceparent is None and cloud_trace is None:
+        return None
+    trace = logs.trace_from_headers(traceparent, cloud_trace)
     return logs.current_trace.set(trace) if trace else None
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,37 +172,65 @@ class MemoryBudget:
         self.decode_reserve = decoders * largest_body * DECODE_BYTES_PER_BODY_BYTE
         self.total = max(0, share - self.baseline - reserve - self.decode_reserve)
 
-    async def admit(self, cost: int) -> None:
-        """Reserve `cost` bytes, waiting up to `wait_seconds`; raises OverBudget."""
+    def take_now(self, cost: int) -> int | None:
+        """`admit` when it needs no wait: the bytes taken (0 while there is no budget), or None when the request
+        must wait or be refused (then `admit` it). Every request goes through here first, without an await."""
         total = self.total
         if total is None or cost <= 0:
-            return
+            return 0
+        if not self.waiters and self.in_use + cost <= total:
+            self._take(cost)
+            return cost
+        return None
+
+    async def admit(self, cost: int) -> int:
+        """Reserve `cost` bytes, waiting up to `wait_seconds`; raises OverBudget. Returns the bytes taken, for
+        `release`: 0 while there is no budget."""
+        taken = self.take_now(cost)
+        if taken is not None:
+            return taken
+        total = self.total
+        assert total is not None
         if cost > total:
             self.refused += 1
             raise OverBudget(
                 f"this request needs about {cost // MIB} MiB, more than this instance's {total // MIB} MiB "
                 "budget for requests in flight; send fewer rows per request, or give the container more memory "
                 "(or lower MAX_BODY_BYTES or INFERENCE_THREADS, which set memory aside for decoding)", 413)
-        if not self.waiters and self.in_use + cost <= total:
-            self._take(cost)
-            return
         granted = asyncio.get_running_loop().create_future()
         entry = (cost, granted)
         self.waiters.append(entry)
-        done, _ = await asyncio.wait({granted}, timeout=self.wait_seconds)
+        try:
+            done, _ = await asyncio.wait({granted}, timeout=self.wait_seconds)
+        except BaseException:  # cancelled while waiting: give back what may have been granted meanwhile
+            self._withdraw(entry)
+            raise
         if not done:
-            granted.cancel()
-            self.waiters.remove(entry)
-            self._wake()
+            self._withdraw(entry)
             self.refused += 1
             raise OverBudget(
                 f"busy: the requests in flight hold {self.in_use // MIB} of this instance's {total // MIB} MiB "
                 f"budget for request memory and this one needs about {cost // MIB} MiB; retry shortly", 503)
+        return cost
 
     def release(self, cost: int) -> None:
-        if self.total is None or cost <= 0:
+        """Give back what `admit` returned."""
+        if cost <= 0:
             return
         self.in_use -= cost
+        if self.waiters:
+            self._wake()
+
+    def _withdraw(self, entry: tuple[int, asyncio.Future]) -> None:
+        """A waiter that gives up (timed out, cancelled): out of the queue, and its cost given back if `_wake`
+        granted it in the meantime; those behind it may fit now."""
+        cost, granted = entry
+        if granted.done() and not granted.cancelled():
+            self.in_use -= cost
+        else:
+            granted.cancel()
+            with contextlib.suppress(ValueError):
+                self.waiters.remove(entry)
         self._wake()
 
     def _take(self, cost: int) -> None:

@@ -151,8 +151,9 @@ class Recorder:
         self.requests: list[tuple[str, int, float]] = []  # (path, status, seconds) since the last flush
         self.runs: list[tuple[int, int, float]] = []  # (rows, requests, seconds) of each model run since then
         self.depth: int | None = None  # the queue depth not yet written
-        self.memory_state: tuple[int, int, int] | None = None  # (limit, budget, in use) not yet written
+        self.budget: Any = None  # the memory budget (service/memory.py) whose state each flush writes
         self.memory_refusals: list[int] = []  # statuses of the requests refused for memory since the last flush
+        self.memory_written: tuple[int, int, int] | None = None  # (limit, budget, in use) last written
         self.flush_armed = False
         self.request_children: dict[tuple[str, int], Any] = {}
         self.request_seconds = _Histogram(self.families["request_duration_seconds"], LATENCY_BUCKETS)
@@ -180,11 +181,14 @@ class Recorder:
         if not self.flush_armed:
             self._arm()
 
-    def memory(self, limit: int | None, budget: int | None, in_use: int, refused: int = 0) -> None:
-        """The memory budget's state (service/memory.py), and the status of a request it refused, if any."""
-        self.memory_state = (limit or 0, budget or 0, in_use)
-        if refused:
-            self.memory_refusals.append(refused)
+    def watch_memory(self, budget: Any) -> None:
+        """Write the memory budget's state (service/memory.py) with every flush: read there, not pushed by each
+        request, which admits and gives back its share many times between two flushes."""
+        self.budget = budget
+
+    def memory_refused(self, status: int) -> None:
+        """A request the memory budget refused: 503 or 413."""
+        self.memory_refusals.append(status)
         if not self.flush_armed:
             self._arm()
 
@@ -218,11 +222,14 @@ class Recorder:
             self.batch_requests.observe_all((), served)
         if depth is not None:
             self.families["queue_depth"].set(depth)
-        memory, self.memory_state = self.memory_state, None
         refusals, self.memory_refusals = self.memory_refusals, []
-        if memory is not None:
-            for name, value in zip(("memory_limit_bytes", "memory_budget_bytes", "memory_in_use_bytes"), memory):
-                self.families[name].set(value)
+        budget = self.budget
+        if budget is not None and budget.total is not None:
+            memory = (budget.limit.bytes or 0, budget.total, budget.in_use)
+            if memory != self.memory_written:
+                for name, value in zip(("memory_limit_bytes", "memory_budget_bytes", "memory_in_use_bytes"), memory):
+                    self.families[name].set(value)
+                self.memory_written = memory
         for status in refusals:
             self.families["memory_refused"].labels(str(status)).inc()
 

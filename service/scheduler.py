@@ -96,9 +96,12 @@ class Scheduler:
     Lives on one event loop (the worker's); `submit` is its only entry point.
     """
 
-    def __init__(self, runner: Runner, executor: Executor, policy: BatchPolicy, observer: Any = None):
+    def __init__(self, runner: Runner, executor: Executor, policy: BatchPolicy, observer: Any = None,
+                 in_flight: Callable[[], int | None] | None = None):
         self.runner, self.executor, self.policy = runner, executor, policy
         self.observer = observer  # metrics: .batch(rows, requests, seconds), .queue_depth(n); optional
+        # The worker's requests begun and not answered (service/worker.py), None if unknown; optional.
+        self.in_flight = in_flight
         self.queue: deque[_Pending] = deque()
         self.busy = False  # a batch is running (or scheduled to run) now
         self._timer: asyncio.TimerHandle | None = None
@@ -162,17 +165,32 @@ class Scheduler:
 
         It yields once, so that requests parsed in the same turn of the event loop queue behind it, then runs
         them all as one batch (on the loop if cheap, else in the pool) and hands each its rows. What queued
-        meanwhile starts the next batch as usual. At low load that is one loop turn and no future per request.
+        meanwhile starts the next batch as usual. At low load that is one loop turn and no future per request;
+        a request alone in the worker (the server says so) skips even that turn: no one is there to join it.
         """
         self.busy = True
-        try:
-            await asyncio.sleep(0)
-        except BaseException:  # cancelled before it took anything: let the queue go on without it
-            self._release(loop)
-            raise
-        batch = [leader, *self._take(leader)]
+        others = self.in_flight() if self.in_flight is not None else None
+        if others is None or others > 1:
+            try:
+                await asyncio.sleep(0)
+            except BaseException:  # cancelled before it took anything: let the queue go on without it
+                self._release(loop)
+                raise
+        if self.queue:
+            batch = [leader, *self._take(leader)]
+        else:  # no one joined (the usual case at low load): a cheap run needs none of a batch's bookkeeping
+            if self._cheap(_elements(leader.feeds)):
+                started = time.perf_counter()
+                try:
+                    return self.runner(leader.feeds)
+                except Exception as exc:
+                    raise ModelRejected(exc) from None
+                finally:
+                    self._count(leader.rows, 1, time.perf_counter() - started)
+                    self._release(loop)
+            batch = [leader]
         started = time.perf_counter()
-        if self._cheap(batch):
+        if self._cheap(sum(_elements(p.feeds) for p in batch)):
             results = self._run_batch(batch)
         else:
             future = loop.run_in_executor(self.executor, self._run_batch, batch)
@@ -213,15 +231,16 @@ class Scheduler:
             self.busy = False
             return
         started = time.perf_counter()
-        if self._cheap(batch):
+        if self._cheap(sum(_elements(p.feeds) for p in batch)):
             self._finish(loop, batch, self._run_batch(batch), started)
             return
         future = loop.run_in_executor(self.executor, self._run_batch, batch)
         future.add_done_callback(lambda f: self._finish(loop, batch, _results(f, len(batch)), started))
 
-    def _cheap(self, batch: list[_Pending]) -> bool:
-        """Whether the batch's run is estimated cheaper than a hop to the pool, so it runs on the event loop."""
-        estimate = self.policy.estimate(sum(value.size for p in batch for value in p.feeds.values()))
+    def _cheap(self, elements: int) -> bool:
+        """Whether a run of this many input elements is estimated cheaper than a hop to the pool, so it runs on
+        the event loop."""
+        estimate = self.policy.estimate(elements)
         return estimate is not None and estimate < INLINE_RUN_SECONDS
 
     def _take(self, first: _Pending | None = None) -> list[_Pending]:
@@ -321,6 +340,14 @@ def _rows(feeds: Feeds) -> int | None:
             return None
         rows = value.shape[0]
     return rows if rows else None
+
+
+def _elements(feeds: Feeds) -> int:
+    """The request's input elements, what a run's cost is estimated from."""
+    count = 0
+    for value in feeds.values():
+        count += value.size
+    return count
 
 
 def _key(feeds: Feeds) -> tuple:

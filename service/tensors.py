@@ -30,6 +30,14 @@ class TensorSpec:
     ort_type: str
     shape: tuple[int | str | None, ...]  # ints are fixed; str/None are free (symbolic) dimensions
 
+    # Read on every request (the codecs, the cached shared-dimension plan): worked out once, not per call.
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.name, self.ort_type, self.shape)))
+        object.__setattr__(self, "_dtype", ORT_DTYPES.get(self.ort_type))
+
+    def __hash__(self) -> int:
+        return self._hash  # type: ignore[attr-defined]
+
     @classmethod
     def of(cls, arg: Any) -> TensorSpec:
         """The spec of an onnxruntime NodeArg (session.get_inputs()/get_outputs()); negative sizes are free."""
@@ -39,7 +47,7 @@ class TensorSpec:
     @property
     def dtype(self) -> np.dtype | None:
         """The numpy dtype of the tensor (object for strings), None for what is not a tensor (sequences, maps)."""
-        return ORT_DTYPES.get(self.ort_type)
+        return self._dtype  # type: ignore[attr-defined]
 
     @property
     def dtype_name(self) -> str:

@@ -34,29 +34,111 @@ from uvicorn_worker import UvicornWorker
 log = logging.getLogger("uvicorn.error")
 
 POLL_SECONDS = 0.02
+# The bounds of reading the rest of a body after an answer that closes the connection: nginx's defaults for its
+# lingering close (lingering_time 30s, lingering_timeout 5s; https://nginx.org/en/docs/http/ngx_http_core_module.html#lingering_time,
+# read 2026-12-06). Under GRACEFUL_TIMEOUT at shutdown, gunicorn's bound wins.
+LINGER_SECONDS = 30.0
+LINGER_IDLE_SECONDS = 5.0
 
 
 class DrainingProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol that knows when a request has begun arriving, and answers every request that
-    begins once the server is draining with `Connection: close`."""
+    """uvicorn's httptools protocol that knows when a request has begun arriving, answers every request that
+    begins once the server is draining with `Connection: close`, and never resets a connection under an answer
+    sent before the request's body was read (a lingering close, as nginx does).
+
+    An answer can go out before its body is read: the 401 of a missing API key, a 413, a 503 while loading.
+    On a kept-alive connection uvicorn reads the rest of the body and drops it. But on a connection it closes
+    after the answer (the client sent `Connection: close` or HTTP/1.0, the server is draining), closing a socket
+    with unread bytes makes the kernel send a reset: the client, still sending its body, gets ECONNRESET instead
+    of the answer. Here such a close sends the answer and a FIN (the write side only), reads the rest of the
+    body and drops it, then closes: at the body's end, the client's EOF, LINGER_IDLE_SECONDS without a byte or
+    LINGER_SECONDS in all, whichever comes first.
+    """
 
     receiving = False  # a request's first bytes are parsed but its headers are not complete yet
+    body_done = True  # the request being read has been read to its end
+    lingering: asyncio.TimerHandle | None = None  # closing, once the body is read (the bound's timer)
+    last_read = 0.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.cycle_transport = _ClosesAfterBody(self, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.lingering is not None:
+            self.lingering.cancel()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.lingering is not None:
+            self.last_read = self.loop.time()
+        super().data_received(data)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.receiving = True
+        self.body_done = False
 
     def on_headers_complete(self) -> None:
         self.receiving = False
+        if self.transport.is_closing():  # a request behind one whose answer closed the connection: not served
+            return
         super().on_headers_complete()
-        if getattr(self.server_state, "draining", False) and self.cycle is not None:
-            self.cycle.keep_alive = False
+        self.cycle.transport = self.cycle_transport  # type: ignore[union-attr]
+        if getattr(self.server_state, "draining", False):
+            self.cycle.keep_alive = False  # type: ignore[union-attr]
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.body_done = True
+        if self.lingering is not None:
+            self.transport.close()
+
+    def close_after_body(self) -> None:
+        """Close the connection now if the request's body has been read, else once it has (within the bounds)."""
+        if self.body_done or self.lingering is not None or self.transport.is_closing():
+            if self.lingering is None:
+                self.transport.close()
+            return
+        if self.transport.can_write_eof():
+            self.transport.write_eof()  # the client reads the answer to its end while it still sends
+        self.flow.resume_reading()
+        now = self.loop.time()
+        self.last_read, self.linger_until = now, now + LINGER_SECONDS
+        self.lingering = self.loop.call_later(LINGER_IDLE_SECONDS, self._linger_bound)
+
+    def _linger_bound(self) -> None:
+        now = self.loop.time()
+        ends = min(self.linger_until, self.last_read + LINGER_IDLE_SECONDS)
+        if now >= ends:
+            self.transport.close()
+        else:
+            self.lingering = self.loop.call_later(ends - now, self._linger_bound)
 
     def idle(self) -> bool:
         """No request being read or answered, and none waiting unread in the kernel's buffer."""
         if self.receiving or self.pipeline or (self.cycle is not None and not self.cycle.response_complete):
             return False
+        if self.lingering is not None:
+            return False  # it closes itself once the body is read
         return _unread_bytes(self.transport) == 0
+
+
+class _ClosesAfterBody:
+    """The transport a request's cycle writes its answer to: uvicorn's, but for `close`, which waits for the
+    request's body (DrainingProtocol.close_after_body)."""
+
+    __slots__ = ("protocol", "transport", "write", "is_closing")
+
+    def __init__(self, protocol: DrainingProtocol, transport: asyncio.Transport):
+        self.protocol, self.transport = protocol, transport
+        self.write, self.is_closing = transport.write, transport.is_closing
+
+    def close(self) -> None:
+        self.protocol.close_after_body()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
 
 
 def _unread_bytes(transport: asyncio.Transport) -> int:
@@ -138,6 +220,16 @@ class DrainingServer(Server):
         )
 
 
+_serving: Any = None  # this process's uvicorn ServerState, once a Worker serves
+
+
+def requests_in_flight() -> int | None:
+    """The requests this worker has begun (headers read) and not yet answered, this one included; None when the
+    app is not served by this module's Worker (in-process tests, other servers). The batching scheduler reads it:
+    a request alone in the worker has no one to wait a loop turn for."""
+    return None if _serving is None else len(_serving.tasks)
+
+
 class Worker(UvicornWorker):
     """uvicorn-worker's UvicornWorker (uvloop, httptools) serving through DrainingServer."""
 
@@ -145,8 +237,10 @@ class Worker(UvicornWorker):
 
     async def _serve(self) -> None:
         # As UvicornWorker._serve, with DrainingServer.
+        global _serving
         self.config.app = self.wsgi
         server = DrainingServer(config=self.config)
+        _serving = server.server_state
         self._install_sigquit_handler()
         await server.serve(sockets=self.sockets)
         if not server.started:

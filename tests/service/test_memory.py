@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.memory import MIB, MemoryBudget, MemoryLimit, OverBudget, container_memory_limit
 from service.settings import load_settings
-from tests.support.models import linear_model
+from tests.support.models import linear_model, lookup_model
 from tests.support.waiting import wait_loaded
 
 GIB = 1024 * MIB
@@ -215,3 +215,131 @@ def test_a_chunked_body_is_admitted_by_the_bytes_read(service):
     budget.total = 10 * len(body)
     response = client.post("/predict", content=iter([body[:1000], body[1000:]]))
     assert response.status_code == 200
+
+
+# --- every path gives back what it admitted (issue 22) -------------------------------------------------------
+
+
+def admitted_then_given_back(budget: MemoryBudget) -> None:
+    """The request was admitted (it held part of the budget), and holds none of it now."""
+    assert budget.peak > 0, "the request was never admitted: this path proves nothing about giving back"
+    assert budget.in_use == 0 and budget.as_json()["waiting"] == 0, budget.as_json()
+
+
+@pytest.mark.parametrize("body, status", [
+    (b'{"inputs": {"features": [[0.25, -1.5, 3.0, 0.125]]', 400),  # not JSON
+    (b'{"rows": [[0.25, -1.5, 3.0, 0.125]]}', 422),  # JSON without "inputs"
+    (b'{"inputs": {"features": [[0.25, -1.5, 3.0]]}}', 422),  # wrong shape
+    (rows_body(3000).replace(b"3.0", b'"x"', 1), 422),  # a large body (decoded in the pool) with a string in it
+])  # fmt: skip
+def test_a_bad_request_gives_back_what_it_was_admitted_with(service, body, status):
+    client, budget = service
+    response = client.post("/predict", content=body)
+    assert response.status_code == status, response.text
+    admitted_then_given_back(budget)
+
+
+def test_a_body_over_max_body_bytes_is_refused_before_admission_and_holds_nothing(tmp_path):
+    model = linear_model(tmp_path / "linear.onnx")
+    app = create_app(load_settings({"MODEL_URI": str(model), "EXIT_ON_LOAD_FAILURE_AFTER": "-1",
+                                    "MEMORY_LIMIT_BYTES": str(64 * GIB), "MAX_BODY_BYTES": "4096"}))
+    with TestClient(app) as client:
+        assert app.state.store.loaded.wait(30)
+        budget = app.state.memory
+        assert client.post("/predict", content=rows_body(200)).status_code == 413
+        assert client.post("/predict", content=iter([rows_body(200)])).status_code == 413  # chunked: counted as read
+        assert budget.in_use == 0 and budget.peak == 0
+        assert client.post("/predict", content=rows_body(2)).status_code == 200
+        admitted_then_given_back(budget)
+
+
+@pytest.mark.parametrize("rows", [1, 3000])  # run on the event loop (batched) / decoded and run in the pool
+def test_a_model_that_rejects_the_input_gives_back_what_it_was_admitted_with(tmp_path, rows):
+    model = lookup_model(tmp_path / "lookup.onnx")
+    app = create_app(load_settings({"MODEL_URI": str(model), "EXIT_ON_LOAD_FAILURE_AFTER": "-1",
+                                    "MEMORY_LIMIT_BYTES": str(64 * GIB)}))
+    with TestClient(app) as client:
+        assert app.state.store.loaded.wait(30)
+        budget = app.state.memory
+        response = client.post("/predict", json={"inputs": {"ids": [[3]] * (rows - 1) + [[99]]}})  # 99: no such row
+        assert response.status_code == 422 and "rejected" in response.json()["detail"], response.text
+        admitted_then_given_back(budget)
+        assert client.post("/predict", json={"inputs": {"ids": [[3]] * rows}}).status_code == 200
+
+
+def call(app, body_messages: list[dict], path: str = "/predict", length: int | None = None):
+    """Drive the ASGI app with one request whose body arrives as `body_messages`; the answer's messages, and a
+    future the request's task, for tests that cancel it."""
+    headers = [(b"content-type", b"application/json")]
+    if length is not None:
+        headers.append((b"content-length", str(length).encode()))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "path": path,
+             "raw_path": path.encode(), "query_string": b"", "headers": headers, "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 80), "scheme": "http"}  # fmt: skip
+    messages = iter(body_messages)
+    sent: list[dict] = []
+
+    async def receive():
+        try:
+            return next(messages)
+        except StopIteration:
+            await asyncio.Event().wait()  # the client sends nothing more
+
+    async def send(message):
+        sent.append(message)
+
+    return sent, app(scope, receive, send)
+
+
+def test_a_client_gone_mid_body_gives_back_what_it_was_admitted_with(service):
+    client, budget = service
+    body = rows_body(2000)
+    sent, request = call(client.app, [{"type": "http.request", "body": body[:1000], "more_body": True},
+                                      {"type": "http.disconnect"}], length=len(body))
+    asyncio.run(request)
+    assert sent == []  # no one to answer
+    admitted_then_given_back(budget)
+
+
+def test_a_request_cancelled_while_it_waits_for_room_gives_back_nothing_it_never_held(service):
+    client, budget = service
+    body = rows_body(2000)
+
+    async def scenario():
+        budget.total = 4 * len(body)
+        budget.in_use = others = 3 * len(body)  # other requests hold the rest
+        sent, request = call(client.app, [{"type": "http.request", "body": body}], length=len(body))
+        task = asyncio.ensure_future(request)
+        while not budget.waiters:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert budget.as_json()["waiting"] == 0
+        budget.release(others)  # room again: the cancelled request must not take it
+        assert budget.in_use == 0, budget.as_json()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_cancelled_just_as_it_is_granted_room_gives_it_back(service):
+    client, budget = service
+    body = rows_body(2000)
+
+    async def scenario():
+        budget.total = 4 * len(body)
+        budget.in_use = others = 3 * len(body)
+        sent, request = call(client.app, [{"type": "http.request", "body": body}], length=len(body))
+        task = asyncio.ensure_future(request)
+        while not budget.waiters:
+            await asyncio.sleep(0.001)
+        budget.release(others)  # grants the waiting request its room (in_use = its cost) ...
+        assert budget.in_use == 2 * len(body)
+        task.cancel()  # ... and it is cancelled before it runs again
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert budget.in_use == 0 and budget.as_json()["waiting"] == 0, budget.as_json()
+
+    asyncio.run(scenario())
+    assert client.post("/predict", content=body).status_code == 200
+    admitted_then_given_back(budget)

@@ -15,7 +15,7 @@ import pytest
 
 from service.settings import SettingsError, load_settings
 from tests.support.models import DEMO_MODEL, busy_model, linear_model
-from tests.support.server import run_service
+from tests.support.server import read_answer, run_service
 
 BURST = 64
 ROWS = 5000
@@ -106,22 +106,6 @@ def test_sigterm_during_a_burst_loses_no_request(tmp_path):
     assert lost == 0, "\n".join(report)
 
 
-def _answer(conn: socket.socket) -> tuple[int, bytes]:
-    """Read one HTTP answer (head and Content-Length body) from conn: (status, head)."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = conn.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed without an answer after {data!r}")
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    lines = head.lower().split(b"\r\n")
-    length = int(next(line.split(b":")[1] for line in lines if line.startswith(b"content-length")))
-    while len(rest) < length:
-        rest += conn.recv(65536)
-    return int(head.split(b" ", 2)[1]), head.lower()
-
-
 def test_connections_open_at_sigterm_may_still_deliver_a_request_within_the_window(tmp_path):
     model = str(linear_model(tmp_path / "linear.onnx"))
     body = json.dumps({"inputs": {"features": [[1.0, 2.0, 3.0, 4.0]]}}).encode()
@@ -130,7 +114,7 @@ def test_connections_open_at_sigterm_may_still_deliver_a_request_within_the_wind
         request = _request(service.port, body)
         kept = socket.create_connection(("127.0.0.1", service.port), timeout=10)  # keep-alive, one answer served
         kept.sendall(request)
-        assert _answer(kept)[0] == 200
+        assert read_answer(kept)[0] == 200
         fresh = socket.create_connection(("127.0.0.1", service.port), timeout=10)  # opened, nothing sent yet
         idle = socket.create_connection(("127.0.0.1", service.port), timeout=10)  # never sends anything
         time.sleep(0.2)
@@ -139,7 +123,7 @@ def test_connections_open_at_sigterm_may_still_deliver_a_request_within_the_wind
         time.sleep(0.5)  # the request on its way, after the signal, inside the window
         for conn in (kept, fresh):
             conn.sendall(request)
-            status, head = _answer(conn)
+            status, head, _ = read_answer(conn)
             assert status == 200 and b"connection: close" in head
             assert conn.recv(1) == b""  # and then the service closes it
         assert idle.recv(1) == b""  # closed once the window is over, with nothing to reset

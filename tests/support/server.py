@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -114,3 +115,23 @@ def run_service(model_uri: str, log_dir: Path, **env: str) -> Iterator[Service]:
         yield service
     finally:
         stop(service.process)
+
+
+def read_answer(conn: socket.socket) -> tuple[int, bytes, bytes]:
+    """One HTTP answer read from a raw socket by its Content-Length: (status, head in lower case, body). A reset
+    raises ConnectionResetError; a close before the answer's end, ConnectionError."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed without an answer after {data!r}")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    length = int(next(line.split(b":")[1] for line in lines if line.startswith(b"content-length")))
+    while len(rest) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed in the middle of the answer")
+        rest += chunk
+    return int(head.split(b" ", 2)[1]), head.lower(), rest[:length]
