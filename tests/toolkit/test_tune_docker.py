@@ -23,7 +23,7 @@ from tests.image.tasks_cli import INVOKE, run_invoke
 from tests.support.models import DEMO_MODEL, ROOT, slow_model
 from toolkit.tune import LABEL
 
-pytestmark = [pytest.mark.slow, pytest.mark.docker]
+pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.xdist_group("docker")]  # one engine
 
 SHAPE = "1:2Gi"
 FAST = ["--step-seconds", "1.5", "--warmup-seconds", "0.5"]
