@@ -41,7 +41,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
 REQUESTS_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 
-# (kind, name, help, labels, options): the README's "Metrics" table lists the same.
+# (kind, name, help, labels, options): docs/operations.md's metrics table lists the same.
 FAMILIES = (
     ("counter", "requests", "HTTP requests answered, by route template and status code", ("route", "status"), {}),
     ("histogram", "request_duration_seconds", "time from a request's arrival to the end of its answer, by route",

@@ -61,7 +61,7 @@ def parse_model_uri(uri: str) -> ModelSource:
 
 
 class Settings(BaseSettings):
-    """Every knob of the service; the README's configuration table lists the same names."""
+    """Every knob of the service; docs/configuration.md lists the same names."""
 
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
 
@@ -153,7 +153,7 @@ class Settings(BaseSettings):
     def api_key_list(self) -> tuple[str, ...]:
         return auth.parse(self.api_keys.get_secret_value())
 
-    # --- what was built (README "Supply chain"): set by the image's build args, shown on /health as "build" ---
+    # --- what was built (docs/image.md): set by the image's build args, shown on /health as "build" ---
     build_revision: str = Field("", description="git commit the image was built from (the Dockerfile sets it)")
     build_version: str = Field("", description="the image's version (its tag); set at build")
     build_created: str = Field("", description="when the image was built, RFC 3339; set at build")
