@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from invoke import Exit, task
 
-from toolkit import cloudrun, fly, local, release
+from toolkit import cloudrun, fly, local, release, release_journal
 
 TARGETS = {
     "cloudrun": cloudrun,  # Google Cloud Run: revision with no traffic + tag, smoke test, then traffic
@@ -43,7 +43,7 @@ def deploy(c, target="local", tag="", dry_run=False, declarative=False, model_mo
         raise Exit("deploy.require_scan gates on Artifact Analysis, which scans Artifact Registry images only, and "
                    "Fly's registry has no scanner: scan the image there with `invoke image.scan`, or set "
                    "deploy.require_scan to false for Fly deploys.")
-    release.warn_if_unreleased_model(c, target)
+    release_journal.warn_if_unreleased_model(c, target)
     if target == "cloudrun":
         module.deploy(c, tag=tag, dry_run=dry_run, declarative=declarative, model_mount=model_mount)
         return

@@ -115,14 +115,20 @@ def _value(point: dict) -> float:
 
 
 def read(c: Context, revision: str, start: float, end: float, token: str) -> Figures:
-    """The revision's figures between `start` and `end` (Unix seconds)."""
+    """The revision's figures between `start` and `end` (Unix seconds); Exit when Cloud Monitoring does not answer
+    within release.monitoring_timeout."""
     wanted = queries(c, revision, start, end)
-    with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=30) as client:
-        requests = errors = 0
-        for series in _series(client, c, wanted["requests"]):
-            count = int(sum(_value(p) for p in series.get("points", [])))
-            requests += count
-            if series.get("metric", {}).get("labels", {}).get("response_code_class") == "5xx":
-                errors += count
-        latencies = [_value(p) for s in _series(client, c, wanted["latency"]) for p in s.get("points", [])]
+    timeout = float(c.release.monitoring_timeout)
+    try:
+        with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=timeout) as client:
+            requests = errors = 0
+            for series in _series(client, c, wanted["requests"]):
+                count = int(sum(_value(p) for p in series.get("points", [])))
+                requests += count
+                if series.get("metric", {}).get("labels", {}).get("response_code_class") == "5xx":
+                    errors += count
+            latencies = [_value(p) for s in _series(client, c, wanted["latency"]) for p in s.get("points", [])]
+    except httpx.TransportError as exc:
+        raise Exit(f"Cloud Monitoring did not answer ({type(exc).__name__} after up to {timeout:g}s, "
+                   f"release.monitoring_timeout): {exc}") from None
     return Figures(revision, requests, errors, max(latencies) if latencies else None)

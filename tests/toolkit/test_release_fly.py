@@ -110,6 +110,7 @@ def test_dry_run_prints_the_deploy_and_the_way_back_and_runs_no_flyctl(fake_flyc
     result = invoke("-f", str(record), "release", "--target", "fly", "--model", NEW_MODEL, "--dry-run", **config)
     assert result.returncode == 0, result.stderr
     assert "# invoke model.compare --candidate " + NEW_MODEL in result.stdout
-    assert f"deploy --app {APP} --config fly.toml --wait-timeout 10m --image SERVING_IMAGE --env " in result.stdout
+    assert f"deploy --app {APP} --config fly.toml --image SERVING_IMAGE --strategy bluegreen --wait-timeout 10m --env " in (
+        result.stdout)
     assert "--strategy bluegreen" in result.stdout and "--strategy immediate" in result.stdout
     assert fake_flyctl.argvs() == [] and NEW_MODEL not in record.read_text()
