@@ -123,7 +123,7 @@ class WayBack:
 
 
 def reason_of(exc: BaseException, signal_name: str) -> str:
-    if isinstance(exc, KeyboardInterrupt):
+    if signal_name or isinstance(exc, KeyboardInterrupt):
         return f"interrupted by {signal_name or 'SIGINT'}"
     if isinstance(exc, Exit):
         return str(exc.message or f"exit {exc.code}")
@@ -145,14 +145,15 @@ def _handlers(handlers: dict[int, Callable]) -> Iterator[None]:
 
 
 def _signals_as_interrupts(received: list[str]):
-    """SIGINT raises KeyboardInterrupt (even when the shell started us ignoring it) and SIGTERM is turned into the
-    same, for the release's duration."""
+    """SIGINT and SIGTERM both raise KeyboardInterrupt for the release's duration (even when the shell started us
+    ignoring SIGINT), noting which came: one that lands during a `c.run` reaches us as the command's failure, after
+    Invoke forwarded it to the command."""
 
-    def terminated(signum, frame):
-        received.append("SIGTERM")
+    def interrupted(signum, frame):
+        received.append(signal.Signals(signum).name)
         raise KeyboardInterrupt
 
-    return _handlers({signal.SIGINT: signal.default_int_handler, signal.SIGTERM: terminated})
+    return _handlers({signal.SIGINT: interrupted, signal.SIGTERM: interrupted})
 
 
 def _signals_deferred():
@@ -180,7 +181,7 @@ def guarded(c: Context, entry: dict, back: WayBack) -> Iterator[None]:
         if isinstance(exc, SystemExit) and not exc.code:
             raise
         reason = reason_of(exc, received[-1] if received else "")
-        code = 143 if received else 130 if isinstance(exc, KeyboardInterrupt) else 1
+        code = {"SIGINT": 130, "SIGTERM": 143}.get(received[-1] if received else "", 1)
         if entry["state"] == "started":  # nothing changed on the platform yet
             note(c, entry, "stopped", reason)
             raise Exit(f"release stopped before any change: {reason}", code=code) from None

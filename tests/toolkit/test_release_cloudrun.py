@@ -36,9 +36,14 @@ def project(gcloud_stub, monitoring_stub, healthy, tmp_path):
     return config, record, stable
 
 
-def release(config, *flags):
+def release(config, *flags, **more):
     return invoke("-f", config["release_record"], "release", "--target", "cloudrun", "--model", NEW_MODEL,
-                  "--skip-compare", *flags, **config)
+                  "--skip-compare", *flags, **{**config, **more})
+
+
+def journal(record) -> list[dict]:
+    """The releases `invoke release` journaled next to the invoke.yaml `record`."""
+    return json.loads(record.with_name(record.stem + ".releases.json").read_text())
 
 
 def candidate_of(stub, tag: str = TAG) -> str:
