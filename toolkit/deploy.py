@@ -71,13 +71,14 @@ def render(c, target="cloudrun", tag="", output="", model_mount=False):
 @task(
     help={
         "target": "cloudrun or fly",
-        "to": "revision (Cloud Run) or image (Fly) to go back to; default: the model before the last `invoke release`, "
-              "else the revision or image before the current",
+        "to": "revision (Cloud Run) or image (Fly) to go back to; default: where a held or interrupted `invoke "
+              "release` started (the journal's stable revision, or image and env), else the model before the last "
+              "release, else the revision or image before the current",
         "dry_run": "print every command instead of running it",
     }
 )
 def rollback(c, target, to="", dry_run=False):
-    """Go back to the model before the last release, else the previous revision (Cloud Run) or image (Fly)."""
+    """Go back to where an unfinished or the last release started, else the previous revision or image."""
     module = _target(target)
     if not hasattr(module, "rollback"):
         raise Exit(f"target {target!r} has nothing to roll back: redeploy it instead")

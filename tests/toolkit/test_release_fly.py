@@ -4,13 +4,21 @@ flyctl contract stand-in; the smoke test reaches real services on loopback throu
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
+import subprocess
+import time
 
 import pytest
 import yaml
 
 from tests.support import variants
 from tests.support.models import DEMO_MODEL
-from tests.toolkit.deploy_helpers import invoke
+from tests.support.models import ROOT
+from tests.support.ports import free_port
+from tests.support.processes import stop, wait_for
+from tests.toolkit.deploy_helpers import INVOKE, invoke
 from tests.toolkit.conftest import SERVICE_KEY
 from tests.toolkit.test_deploy_fly import APP, CONFIG, KEYLESS_ENV, OLD_IMAGE, deploys
 
@@ -149,3 +157,60 @@ def test_dry_run_prints_the_deploy_and_the_way_back_and_runs_no_flyctl(fake_flyc
         result.stdout)
     assert "--strategy bluegreen" in result.stdout and "--strategy immediate" in result.stdout
     assert fake_flyctl.argvs() == [] and NEW_MODEL not in record.read_text()
+
+
+def start_release(config: dict, url: str, log_dir) -> subprocess.Popen:
+    env = {**os.environ, **{f"INVOKE_{k.upper()}": v for k, v in {**config, "fly_url": url}.items()}}
+    with open(log_dir / "out.txt", "wb") as out, open(log_dir / "err.txt", "wb") as err:
+        return subprocess.Popen([*INVOKE, "-f", config["release_record"], "release", "--target", "fly", "--model",
+                                 NEW_MODEL, "--skip-compare"], cwd=ROOT, env=env, stdout=out, stderr=err,
+                                start_new_session=True)
+
+
+def in_smoke_test(fake, process) -> bool:
+    """The new model is on every Machine and the smoke test waits for an app that does not answer."""
+    return process.poll() is not None or all(env["MODEL_URI"] == NEW_MODEL for env in machine_env(fake))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("number", range(5))
+def test_sigterm_during_the_smoke_test_brings_the_previous_env_back(fake_flyctl, project, tmp_path, number):
+    config, record = project
+    process = start_release(config, f"http://127.0.0.1:{free_port()}", tmp_path)  # nothing listens: it waits
+    try:
+        wait_for(lambda: in_smoke_test(fake_flyctl, process), timeout=60, what="the blue-green deploy")
+        time.sleep(random.Random(number).uniform(0, 1.5))
+        os.kill(process.pid, signal.SIGTERM)
+        code = process.wait(60)
+    finally:
+        stop(process)
+    err = (tmp_path / "err.txt").read_text()
+    assert code == 143, err
+    assert all(env == SERVING_ENV for env in machine_env(fake_flyctl))
+    assert err.strip().splitlines()[-1] == (f"release rolled back, {OLD_MODEL} serves again on {OLD_IMAGE}: "
+                                            "interrupted by SIGTERM")
+    assert journal(record)[-1]["state"] == "rolled_back"
+
+
+def test_a_killed_release_is_shown_as_interrupted_and_rollback_finishes_it(fake_flyctl, project, tmp_path):
+    config, record = project
+    process = start_release(config, f"http://127.0.0.1:{free_port()}", tmp_path)
+    try:
+        wait_for(lambda: in_smoke_test(fake_flyctl, process), timeout=60, what="the blue-green deploy")
+        wait_for(lambda: journal(record)[-1]["state"] == "deployed", timeout=30, what="the journal's deployed")
+        os.killpg(process.pid, signal.SIGKILL)  # nothing can catch this one: the journal is all that is left
+        process.wait(30)
+    finally:
+        stop(process)
+    assert all(env["MODEL_URI"] == NEW_MODEL for env in machine_env(fake_flyctl))
+    status = invoke("-f", str(record), "status", "--target", "fly", **config, fly_url="http://127.0.0.1:9")
+    assert status.returncode == 0, status.stderr
+    assert f"release of {NEW_MODEL}" in status.stdout and "interrupted at deployed" in status.stdout
+    assert f"finish it: `invoke rollback --target fly` ({OLD_IMAGE} with {OLD_MODEL} again)" in status.stdout
+
+    back = invoke("-f", str(record), "rollback", "--target", "fly", **config)
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert all(env == SERVING_ENV for env in machine_env(fake_flyctl))
+    last = journal(record)[-1]
+    assert last["state"] == "rolled_back" and last["events"][-1]["detail"].startswith(f"redeployed {OLD_IMAGE}")
+    assert yaml.safe_load(record.read_text())["model"]["uri"] == OLD_MODEL  # never promoted: nothing to rewrite
