@@ -80,10 +80,15 @@ def access_token(c: Context) -> str:
     account, the same identity that moves the traffic."""
     if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
         import google.auth
+        import google.auth.exceptions
         import google.auth.transport.requests
 
-        credentials, _ = google.auth.default(scopes=[SCOPE])
-        credentials.refresh(google.auth.transport.requests.Request())
+        try:
+            credentials, _ = google.auth.default(scopes=[SCOPE])
+            credentials.refresh(google.auth.transport.requests.Request())
+        except google.auth.exceptions.GoogleAuthError as exc:
+            raise Exit(f"no credentials to read Cloud Monitoring from GOOGLE_APPLICATION_CREDENTIALS: {exc}; point it "
+                       "at a service-account key file, or unset it to use gcloud's account") from None
         return credentials.token
     result = c.run("gcloud auth print-access-token", hide=True, warn=True)
     if not result.ok:

@@ -160,7 +160,8 @@ def release(c: Context, plan: common.Plan, samples_path: str) -> None:
         if not result.ok:
             raise Exit(f"smoke test of {candidate['url']} failed: {result.reason}")
         try:
-            if plan.skip_compare or current:  # with traffic on it, the service URL no longer reaches only the stable one
+            # with traffic on it, the service URL no longer reaches only the stable one
+            if plan.skip_compare or current:
                 common.answers(candidate["url"], plan.samples, reach)
             else:
                 common.compare_answers(c, service["status"]["url"], candidate["url"], plan.samples, reach)
@@ -189,9 +190,9 @@ def release(c: Context, plan: common.Plan, samples_path: str) -> None:
             if verdict.action == "rollback":
                 raise Exit(verdict.reason)
             if verdict.action == "hold":
-                raise journal.Held(f"release held at {percent}% to {name}: {verdict.reason}; run the same `invoke "
-                                   f"release` again to judge a new window, or `invoke rollback --target cloudrun` to go "
-                                   f"back to {stable}")
+                raise journal.Held(f"release held at {percent}% to {name}: {verdict.reason}; run the same "
+                                   "`invoke release` again to judge a new window, or `invoke rollback --target "
+                                   f"cloudrun` to go back to {stable}")
             print(f"step {percent}% healthy: {verdict.reason}")
         journal.promote(c, entry, revision=name, previous_revision=stable, image=image_ref, tag=tag)
     print(f"released: {plan.model} serves 100% on {name}")

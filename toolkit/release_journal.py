@@ -16,6 +16,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -81,7 +82,9 @@ def unfinished(c: Context, target: str) -> dict | None:
 
 
 def in_flight(entry: dict) -> bool:
-    """The process that runs the release is alive (on this machine)."""
+    """The process that runs the release is alive (a release from another machine: not known, so not)."""
+    if entry.get("host") != socket.gethostname():
+        return False
     try:
         os.kill(int(entry.get("pid", 0)), 0)
     except (OSError, ValueError):
@@ -100,7 +103,8 @@ def note(c: Context, entry: dict, state: str, detail: str = "", **fields) -> Non
 def begin(c: Context, target: str, model: dict, previous: dict, stable: dict) -> dict:
     """A new journal entry: the release of `model` to `target`, replacing `previous`, from the `stable` state."""
     entry = {"id": f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S%f}-{target}", "target": target,
-             "model": model, "previous": previous, "stable": stable, "pid": os.getpid(), "started_at": _now()}
+             "model": model, "previous": previous, "stable": stable, "pid": os.getpid(), "host": socket.gethostname(),
+             "started_at": _now()}
     note(c, entry, "started", f"{model['uri']} to replace {previous.get('uri')}")
     return entry
 
@@ -194,8 +198,8 @@ def guarded(c: Context, entry: dict, back: WayBack) -> Iterator[None]:
                 note(c, entry, "rollback_failed", f"{reason}; going back failed: {trouble}")
                 print(f"the platform now: {_safely(back.state_now)}", flush=True)
                 raise Exit(f"release failed: {reason}\ngoing back failed too: {trouble}\nfinish it with:\n  "
-                           f"{back.command}\n(or `invoke rollback --target {entry['target']}`, which reads the journal)",
-                           code=code or 1) from None
+                           f"{back.command}\n(or `invoke rollback --target {entry['target']}`, which reads the "
+                           "journal)", code=code) from None
         note(c, entry, "rolled_back", f"{done}: {reason}")
         raise Exit(f"{done}: {reason}", code=code) from None
 

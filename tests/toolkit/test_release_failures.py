@@ -20,7 +20,8 @@ from tests.support.processes import stop, wait_for
 from tests.toolkit.conftest import SERVICE_KEY
 from tests.toolkit.deploy_helpers import INVOKE, invoke
 from tests.toolkit.test_deploy_cloudrun import SERVICE, serving
-from tests.toolkit.test_release_cloudrun import NEW_MODEL, OLD_MODEL, TAG, candidate_of, journal, project, release  # noqa: F401
+from tests.toolkit.test_release_cloudrun import (  # noqa: F401 (project: fixture)
+    NEW_MODEL, OLD_MODEL, TAG, candidate_of, journal, project, release)
 
 pytestmark = pytest.mark.slow  # each test runs one or more gcloud flows (a dozen gcloud calls each)
 
@@ -38,7 +39,7 @@ def percents(body) -> list[int]:
     ("403", "Cloud Monitoring refused to read figures (403): the deployer needs roles/monitoring.viewer"),
     ("500", "Cloud Monitoring answered 500"),
     ("timeout", "Cloud Monitoring did not answer (ReadTimeout after up to 1s, release.monitoring_timeout)"),
-    ("token", "DefaultCredentialsError"),
+    ("token", "no credentials to read Cloud Monitoring from GOOGLE_APPLICATION_CREDENTIALS: File "),
 ])
 def test_a_monitoring_failure_inside_a_step_sends_all_traffic_back_to_the_stable_revision(
         gcloud_stub, monitoring_stub, project, monkeypatch, tmp_path, fault, words):
