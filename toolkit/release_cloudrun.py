@@ -144,6 +144,8 @@ def release(c: Context, plan: common.Plan, samples_path: str) -> None:
                           {"revision": stable, "image": image_ref, "tag": tag})
     with journal.guarded(c, entry, way_back(c, stable)):
         existing = next((t for t in service["status"].get("traffic", []) if t.get("tag") == tag), None)
+        if existing:  # a held or stopped release of a model with this tag: its revision may already take traffic
+            journal.note(c, entry, "resuming", f"revision {existing['revisionName']} carries tag {tag}")
         if existing and revision_env(revision(c, existing["revisionName"])).get("MODEL_URI") == plan.model:
             print(f"resuming: revision {existing['revisionName']} already carries tag {tag}")
         else:

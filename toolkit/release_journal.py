@@ -24,8 +24,8 @@ from typing import Callable, Iterator
 from invoke import Context, Exit
 from invoke.exceptions import UnexpectedExit
 
-# A release in one of these states needs nothing more; any other state (started, deploying, deployed, step, held,
-# failed, rollback_failed) is in flight, held, or was interrupted, and `invoke status` says how to finish it.
+# A release in one of these states needs nothing more; any other state (started, resuming, deploying, deployed, step,
+# held, failed, rollback_failed) is in flight, held, or was interrupted, and `invoke status` says how to finish it.
 FINAL_STATES = {"promoted", "rolled_back", "stopped"}
 
 

@@ -146,6 +146,8 @@ def test_too_few_requests_hold_the_split_instead_of_promoting(gcloud_stub, monit
               for s in gcloud_stub.sent_services(SERVICE)[2:]]
     assert shares == [{stable: 50, candidate: 50}, {candidate: 100}]
     assert journal(record)[-1]["state"] == "promoted" and journal(record)[-1]["stable"]["revision"] == stable
+    assert [e["state"] for e in journal(record)[-1]["events"]][:3] == ["started", "resuming", "deployed"]
+    assert [e["state"] for e in journal(record)] == ["held", "promoted"]
 
 
 def test_a_failed_smoke_test_leaves_traffic_where_it_was(gcloud_stub, monitoring_stub, project, broken):
