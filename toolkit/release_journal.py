@@ -27,6 +27,7 @@ from invoke.exceptions import UnexpectedExit
 # A release in one of these states needs nothing more; any other state (started, resuming, deploying, deployed, step,
 # held, failed, rollback_failed) is in flight, held, or was interrupted, and `invoke status` says how to finish it.
 FINAL_STATES = {"promoted", "rolled_back", "stopped"}
+UNINTERRUPTED = "trap '' INT TERM; exec "  # the shell's prefix of a command of the way back (`run_to_the_end`)
 
 
 def _now() -> str:
@@ -133,40 +134,48 @@ def reason_of(exc: BaseException, signal_name: str) -> str:
         return str(exc.message or f"exit {exc.code}")
     if isinstance(exc, UnexpectedExit):
         lines = (exc.result.stderr or exc.result.stdout or "").strip().splitlines()
-        return f"`{exc.result.command}` exited {exc.result.exited}: {lines[-1] if lines else 'no output'}"
+        command = exc.result.command.removeprefix(UNINTERRUPTED)
+        return f"`{command}` exited {exc.result.exited}: {lines[-1] if lines else 'no output'}"
     return f"{type(exc).__name__}: {exc}"
 
 
-@contextlib.contextmanager
-def _handlers(handlers: dict[int, Callable]) -> Iterator[None]:
-    """Signal handlers for a block; the ones from before come back after."""
-    before = {number: signal.signal(number, handler) for number, handler in handlers.items()}
-    try:
-        yield
-    finally:
-        for number, handler in before.items():
+class _Signals:
+    """SIGINT and SIGTERM for the release's duration (installed even when the shell started us ignoring SIGINT; the
+    handlers from before come back after). While the release runs, either raises KeyboardInterrupt, noting which
+    came (one that lands during a `c.run` reaches us as the command's failure, after Invoke forwarded it to the
+    command). Once going back has begun, a second Ctrl-C or SIGTERM must not cut it short: it is said and ignored."""
+
+    def __init__(self) -> None:
+        self.received: list[str] = []
+        self.going_back = False
+        self.before: dict[int, Callable] = {}
+
+    def __enter__(self) -> "_Signals":
+        self.before = {number: signal.signal(number, self.handle) for number in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self.before.items():
             signal.signal(number, handler)
 
-
-def _signals_as_interrupts(received: list[str]):
-    """SIGINT and SIGTERM both raise KeyboardInterrupt for the release's duration (even when the shell started us
-    ignoring SIGINT), noting which came: one that lands during a `c.run` reaches us as the command's failure, after
-    Invoke forwarded it to the command."""
-
-    def interrupted(signum, frame):
-        received.append(signal.Signals(signum).name)
+    def handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.going_back:
+            print(f"{name}: going back to the stable state first, then exiting", flush=True)
+            return
+        self.received.append(name)
         raise KeyboardInterrupt
 
-    return _handlers({signal.SIGINT: interrupted, signal.SIGTERM: interrupted})
+    @property
+    def last(self) -> str:
+        return self.received[-1] if self.received else ""
 
 
-def _signals_deferred():
-    """While going back, a second Ctrl-C or SIGTERM must not cut it short: say so and carry on."""
-
-    def wait(signum, frame):
-        print(f"{signal.Signals(signum).name}: going back to the stable state first, then exiting", flush=True)
-
-    return _handlers({signal.SIGINT: wait, signal.SIGTERM: wait})
+def run_to_the_end(c: Context, command: list[str]) -> None:
+    """Run a command of the way back so that a Ctrl-C at the terminal (which reaches the whole process group)
+    cannot kill it halfway: the shell ignores SIGINT and SIGTERM, and the command inherits that across exec."""
+    print(f"going back: {shlex.join(command)}", flush=True)
+    c.run(UNINTERRUPTED + shlex.join(command))
 
 
 @contextlib.contextmanager
@@ -174,23 +183,22 @@ def guarded(c: Context, entry: dict, back: WayBack) -> Iterator[None]:
     """Run a release's changes. On a hold: record it and let the Exit through. On any other exception or a signal,
     once something changed: record the failure, go back through `back`, record that, and exit non-zero with both;
     if going back fails too: print the platform's state and the command that finishes it."""
-    received: list[str] = []
-    try:
-        with _signals_as_interrupts(received):
+    with _Signals() as signals:
+        try:
             yield
-    except Held as exc:
-        note(c, entry, "held", exc.message)
-        raise
-    except BaseException as exc:
-        if isinstance(exc, SystemExit) and not exc.code:
+        except Held as exc:
+            note(c, entry, "held", exc.message)
             raise
-        reason = reason_of(exc, received[-1] if received else "")
-        code = {"SIGINT": 130, "SIGTERM": 143}.get(received[-1] if received else "", 1)
-        if entry["state"] == "started":  # nothing changed on the platform yet
-            note(c, entry, "stopped", reason)
-            raise Exit(f"release stopped before any change: {reason}", code=code) from None
-        note(c, entry, "failed", reason)
-        with _signals_deferred():
+        except BaseException as exc:
+            signals.going_back = True
+            if isinstance(exc, SystemExit) and not exc.code:
+                raise
+            reason = reason_of(exc, signals.last)
+            code = {"SIGINT": 130, "SIGTERM": 143}.get(signals.last, 1)
+            if entry["state"] == "started":  # nothing changed on the platform yet
+                note(c, entry, "stopped", reason)
+                raise Exit(f"release stopped before any change: {reason}", code=code) from None
+            note(c, entry, "failed", reason)
             try:
                 done = back.go()
             except BaseException as failure:  # noqa: BLE001 - whatever stopped the way back, the user must know
@@ -200,8 +208,8 @@ def guarded(c: Context, entry: dict, back: WayBack) -> Iterator[None]:
                 raise Exit(f"release failed: {reason}\ngoing back failed too: {trouble}\nfinish it with:\n  "
                            f"{back.command}\n(or `invoke rollback --target {entry['target']}`, which reads the "
                            "journal)", code=code) from None
-        note(c, entry, "rolled_back", f"{done}: {reason}")
-        raise Exit(f"{done}: {reason}", code=code) from None
+            note(c, entry, "rolled_back", f"{done}: {reason}")
+            raise Exit(f"{done}: {reason}", code=code) from None
 
 
 def _safely(describe: Callable[[], str]) -> str:

@@ -5,6 +5,7 @@ stable revision (or, when going back fails too, with the state and the command p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -180,18 +181,27 @@ def start_release(config: dict, log_dir, step_wait: str = "60") -> subprocess.Po
 ROUNDS = 10
 
 
-@pytest.mark.parametrize("name, number", [("SIGINT", n) for n in range(ROUNDS)] + [("SIGTERM", 0), ("SIGTERM", 1)])
+@pytest.mark.parametrize("name, number", [("SIGINT", n) for n in range(ROUNDS)] + [("SIGTERM", 0), ("SIGTERM", 1)]
+                         + [("SIGINT twice", n) for n in range(4)])
 def test_a_signal_during_a_step_sends_all_traffic_back_and_is_journaled(gcloud_stub, monitoring_stub, project,
                                                                         tmp_path, name, number):
     config, record, stable = project
     process = start_release(config, tmp_path)
+    rng = random.Random(number)
     try:
         # the candidate takes 10%: the release is in its step (the update may still be finishing: so may Ctrl-C)
         wait_for(lambda: process.poll() is not None or sorted(serving(gcloud_stub).values()) == [10, 90],
                  timeout=120, what="the first step")
         assert process.poll() is None, (tmp_path / "err.txt").read_text()
-        time.sleep(random.Random(number).uniform(0, 1.5))
-        os.kill(process.pid, getattr(signal, name))
+        time.sleep(rng.uniform(0, 1.5))
+        if name == "SIGINT twice":  # Ctrl-C at a terminal, twice: to the whole group, the second while going back
+            os.killpg(process.pid, signal.SIGINT)
+            time.sleep(rng.uniform(0.1, 1.5))
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGINT)
+            name = "SIGINT"
+        else:
+            os.kill(process.pid, getattr(signal, name))
         code = process.wait(120)
     finally:
         stop(process)
