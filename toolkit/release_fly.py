@@ -55,7 +55,8 @@ def way_back(c: Context, stable: dict) -> journal.WayBack:
     def go() -> str:
         envs = [(m.get("config") or {}).get("env") or {} for m in machines(c)]
         if not envs or any(env != stable["env"] for env in envs):
-            journal.run_to_the_end(c, command)
+            print(f"going back: {shlex.join(command)}", flush=True)
+            c.run(shlex.join(command))
         return f"release rolled back, {stable['env'].get('MODEL_URI')} serves again on {stable['image']}"
 
     return journal.WayBack(go, lambda: machines_state(c), shlex.join(command))

@@ -27,7 +27,10 @@ from invoke.exceptions import UnexpectedExit
 # A release in one of these states needs nothing more; any other state (started, resuming, deploying, deployed, step,
 # held, failed, rollback_failed) is in flight, held, or was interrupted, and `invoke status` says how to finish it.
 FINAL_STATES = {"promoted", "rolled_back", "stopped"}
-UNINTERRUPTED = "trap '' INT TERM; exec "  # the shell's prefix of a command of the way back (`run_to_the_end`)
+# Every command of the way back runs after this in its shell: SIGINT and SIGTERM ignored, which a command inherits
+# unless it installs its own handler (gcloud does): a Ctrl-C at the terminal reaches the whole process group.
+UNINTERRUPTED = "trap '' INT TERM"
+WAY_BACK_TRIES = 3  # a way back that a signal cut short runs again (it reads the platform first: no harm)
 
 
 def _now() -> str:
@@ -134,7 +137,7 @@ def reason_of(exc: BaseException, signal_name: str) -> str:
         return str(exc.message or f"exit {exc.code}")
     if isinstance(exc, UnexpectedExit):
         lines = (exc.result.stderr or exc.result.stdout or "").strip().splitlines()
-        command = exc.result.command.removeprefix(UNINTERRUPTED)
+        command = exc.result.command.removeprefix(f"{UNINTERRUPTED} && ")
         return f"`{command}` exited {exc.result.exited}: {lines[-1] if lines else 'no output'}"
     return f"{type(exc).__name__}: {exc}"
 
@@ -148,6 +151,7 @@ class _Signals:
     def __init__(self) -> None:
         self.received: list[str] = []
         self.going_back = False
+        self.while_going_back = 0  # signals that came once going back had begun
         self.before: dict[int, Callable] = {}
 
     def __enter__(self) -> "_Signals":
@@ -161,6 +165,7 @@ class _Signals:
     def handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if self.going_back:
+            self.while_going_back += 1
             print(f"{name}: going back to the stable state first, then exiting", flush=True)
             return
         self.received.append(name)
@@ -169,13 +174,6 @@ class _Signals:
     @property
     def last(self) -> str:
         return self.received[-1] if self.received else ""
-
-
-def run_to_the_end(c: Context, command: list[str]) -> None:
-    """Run a command of the way back so that a Ctrl-C at the terminal (which reaches the whole process group)
-    cannot kill it halfway: the shell ignores SIGINT and SIGTERM, and the command inherits that across exec."""
-    print(f"going back: {shlex.join(command)}", flush=True)
-    c.run(UNINTERRUPTED + shlex.join(command))
 
 
 @contextlib.contextmanager
@@ -200,16 +198,33 @@ def guarded(c: Context, entry: dict, back: WayBack) -> Iterator[None]:
                 raise Exit(f"release stopped before any change: {reason}", code=code) from None
             note(c, entry, "failed", reason)
             try:
-                done = back.go()
+                done = _go_back(c, back, signals)
             except BaseException as failure:  # noqa: BLE001 - whatever stopped the way back, the user must know
                 trouble = reason_of(failure, "")
                 note(c, entry, "rollback_failed", f"{reason}; going back failed: {trouble}")
-                print(f"the platform now: {_safely(back.state_now)}", flush=True)
+                with c.prefix(UNINTERRUPTED):
+                    print(f"the platform now: {_safely(back.state_now)}", flush=True)
                 raise Exit(f"release failed: {reason}\ngoing back failed too: {trouble}\nfinish it with:\n  "
                            f"{back.command}\n(or `invoke rollback --target {entry['target']}`, which reads the "
                            "journal)", code=code) from None
             note(c, entry, "rolled_back", f"{done}: {reason}")
             raise Exit(f"{done}: {reason}", code=code) from None
+
+
+def _go_back(c: Context, back: WayBack, signals: _Signals) -> str:
+    """`back.go()`, again when a signal killed one of its commands (gcloud handles SIGINT itself), up to
+    WAY_BACK_TRIES times; any other failure ends it."""
+    attempt = 1
+    while True:
+        seen = signals.while_going_back
+        try:
+            with c.prefix(UNINTERRUPTED):
+                return back.go()
+        except Exception:
+            if signals.while_going_back == seen or attempt == WAY_BACK_TRIES:
+                raise
+        print("a signal cut a command of the way back short: going back again", flush=True)
+        attempt += 1
 
 
 def _safely(describe: Callable[[], str]) -> str:

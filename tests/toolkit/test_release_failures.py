@@ -182,7 +182,7 @@ ROUNDS = 10
 
 
 @pytest.mark.parametrize("name, number", [("SIGINT", n) for n in range(ROUNDS)] + [("SIGTERM", 0), ("SIGTERM", 1)]
-                         + [("SIGINT twice", n) for n in range(4)])
+                         + [("SIGINT twice", n) for n in range(6)])
 def test_a_signal_during_a_step_sends_all_traffic_back_and_is_journaled(gcloud_stub, monitoring_stub, project,
                                                                         tmp_path, name, number):
     config, record, stable = project
@@ -208,7 +208,7 @@ def test_a_signal_during_a_step_sends_all_traffic_back_and_is_journaled(gcloud_s
     out, err = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
     assert code == {"SIGINT": 130, "SIGTERM": 143}[name], out + err
     assert serving(gcloud_stub) == {stable: 100}
-    assert err.strip().splitlines()[-1] == f"release stopped, traffic 100% on {stable}: interrupted by {name}"
+    assert err.strip().splitlines()[-1] == f"release stopped, traffic 100% on {stable}: interrupted by {name}", err
     last = journal(record)[-1]
     assert last["state"] == "rolled_back" and last["events"][-1]["detail"].endswith(f"interrupted by {name}")
     assert [e["state"] for e in last["events"]][-3:] == ["step", "failed", "rolled_back"]
