@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from bench import CACHE, coldstart, large_request, servers
-from bench.report import Figure, _markdown
+from bench.report import Figure, markdown_table
 from tests.support.models import ROOT, embedding_model, large_model
 from tests.support.processes import stop
 from tests.support.storage_emulator import storage_emulator
@@ -161,7 +161,7 @@ def figures(work: Path, logs: Path, megabytes: int, reps: int, progress) -> tupl
         f"{FIRST_BYTE_MS:g} ms to the first byte, with an empty model cache. The steps are the service's own "
         "(/health load_steps): the download includes the sha256 and crc32c, computed as the bytes arrive."
     )
-    return out, _markdown(rows) + "\n\n" + note
+    return out, markdown_table(rows) + "\n\n" + note
 
 
 FLOOR_LABEL = (

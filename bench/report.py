@@ -67,7 +67,7 @@ def table(figures: list[Figure]) -> str:
         met = {True: "yes", False: "NO", None: ""}[f.met]
         value = f.note if f.value is None and f.note else show(f.value, f.unit)
         rows.append((f.label, value, floor, ratio, target, met))
-    return _markdown(rows)
+    return markdown_table(rows)
 
 
 def floors(figures: list[Figure]) -> str:
@@ -142,10 +142,10 @@ def side_by_side(rows: list[LoadRow]) -> str:
             f"{r.server_cpu_share:.2f} / {r.loadgen_cpu_share:.2f} / {r.others_cpu_share:.2f}",
             f"{r.requests_per_cpu_second:,.0f}", "; ".join(r.targets), met,
         ))  # fmt: skip
-    return _markdown(cells)
+    return markdown_table(cells)
 
 
-def _markdown(cells: list[tuple[str, ...]]) -> str:
+def markdown_table(cells: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")

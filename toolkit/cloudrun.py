@@ -40,7 +40,7 @@ def check_gcloud(c: Context) -> None:
         raise Exit("gcloud has no credentials: run `gcloud auth login` (or set a service account) first.")
 
 
-def _where(c: Context) -> list[str]:
+def where(c: Context) -> list[str]:
     return ["--project", c.gcp.project, "--region", c.gcp.region]
 
 
@@ -56,7 +56,7 @@ def deploy_command(c: Context, image_ref: str, tag: str | None, model_mount: boo
     cr = c.cloudrun
     env = env_vars(c, model_mount)
     command = [
-        "gcloud", "run", "deploy", cr.service, "--image", image_ref, *_where(c),
+        "gcloud", "run", "deploy", cr.service, "--image", image_ref, *where(c),
         "--port", str(PORT),
         "--cpu", str(cr.cpu), "--memory", str(cr.memory),
         "--concurrency", str(cr.concurrency),
@@ -96,7 +96,7 @@ def cloudbuild_command(c: Context, tag: str) -> list[str]:
 
 def describe(c: Context) -> dict | None:
     """The service as Cloud Run has it, or None when it does not exist yet."""
-    command = ["gcloud", "run", "services", "describe", c.cloudrun.service, *_where(c), "--format", "json"]
+    command = ["gcloud", "run", "services", "describe", c.cloudrun.service, *where(c), "--format", "json"]
     result = c.run(shlex.join(command), hide=True, warn=True)
     if not result.ok:
         if re.search(r"Cannot find service|could not be found|NOT_FOUND|404", result.stderr):
@@ -118,7 +118,7 @@ def tagged(service: dict, tag: str) -> dict:
 
 
 def move_traffic_command(c: Context, revision: str) -> list[str]:
-    return ["gcloud", "run", "services", "update-traffic", c.cloudrun.service, *_where(c),
+    return ["gcloud", "run", "services", "update-traffic", c.cloudrun.service, *where(c),
             "--to-revisions", f"{revision}=100", "--quiet"]  # fmt: skip
 
 
@@ -188,7 +188,7 @@ def apply_manifest(c: Context, image_ref: str, candidate: str | None, existing: 
             {"percent": 100, "latestRevision": True}]}}, revision, candidate)
     service = cloudrun_yaml.manifest(c, image_ref, model_mount, revision, traffic)
     path = c.cloudrun.manifest
-    replace = ["gcloud", "run", "services", "replace", path, *_where(c), "--quiet"]
+    replace = ["gcloud", "run", "services", "replace", path, *where(c), "--quiet"]
     if dry_run:
         print(f"# {path}, as rendered:\n{cloudrun_yaml.dump(service)}")
         c.run(shlex.join(replace), dry=True)
@@ -197,7 +197,7 @@ def apply_manifest(c: Context, image_ref: str, candidate: str | None, existing: 
     print(f"wrote {path}" + (f" (revision {revision} with no traffic, tag {candidate})" if candidate else ""))
     c.run(shlex.join(replace))
     if existing is None and c.cloudrun.public:  # a manifest carries no IAM: the flag path's --allow-unauthenticated
-        c.run(shlex.join(["gcloud", "run", "services", "add-iam-policy-binding", c.cloudrun.service, *_where(c),
+        c.run(shlex.join(["gcloud", "run", "services", "add-iam-policy-binding", c.cloudrun.service, *where(c),
                           "--member=allUsers", "--role=roles/run.invoker", "--quiet"]), hide="out")
 
 
@@ -213,8 +213,8 @@ def render(c: Context, tag: str, output: str, model_mount: bool) -> None:
 
 
 def smoke_test(c: Context, url: str) -> smoke.SmokeResult:
-    """A private service's smoke test carries an identity token."""
-    return smoke.after_deploy(c, url, token="" if c.cloudrun.public else smoke.gcloud_identity_token(c))
+    """A private service's smoke test carries an identity token, beside the API key."""
+    return smoke.after_deploy(c, url, smoke.access(c, "cloudrun"))
 
 
 def serving_revisions(service: dict) -> list[str]:
@@ -238,7 +238,7 @@ def previous_revision(c: Context) -> str:
     if service is None:
         raise Exit(f"service {c.cloudrun.service} does not exist in {c.gcp.region}: nothing to roll back.")
     serving = serving_revisions(service)
-    command = ["gcloud", "run", "revisions", "list", "--service", c.cloudrun.service, *_where(c), "--format", "json"]
+    command = ["gcloud", "run", "revisions", "list", "--service", c.cloudrun.service, *where(c), "--format", "json"]
     revisions = json.loads(c.run(shlex.join(command), hide=True).stdout)
 
     def ready(revision: dict) -> bool:

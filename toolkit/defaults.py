@@ -83,6 +83,7 @@ DEFAULTS = {
         "max_p99_ratio": 1.5,  # roll back when its p99 latency is over this times the stable revision's
         "min_requests": 100,  # fewer requests to the new model in a step's window: hold the split, do not promote
         "monitoring_endpoint": "https://monitoring.googleapis.com",  # Cloud Monitoring's REST API (tests: a stand-in)
+        "monitoring_timeout": 30,  # seconds to wait for each Cloud Monitoring answer; then the release goes back
         "record": "",  # the invoke.yaml whose model.uri/sha256 a release updates; empty: `-f FILE`, else the project's
     },
     "optimize": {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from invoke import Exit, task
 
-from toolkit import cloudrun, fly, local, release
+from toolkit import cloudrun, fly, local, release, release_journal
 
 TARGETS = {
     "cloudrun": cloudrun,  # Google Cloud Run: revision with no traffic + tag, smoke test, then traffic
@@ -43,7 +43,7 @@ def deploy(c, target="local", tag="", dry_run=False, declarative=False, model_mo
         raise Exit("deploy.require_scan gates on Artifact Analysis, which scans Artifact Registry images only, and "
                    "Fly's registry has no scanner: scan the image there with `invoke image.scan`, or set "
                    "deploy.require_scan to false for Fly deploys.")
-    release.warn_if_unreleased_model(c, target)
+    release_journal.warn_if_unreleased_model(c, target)
     if target == "cloudrun":
         module.deploy(c, tag=tag, dry_run=dry_run, declarative=declarative, model_mount=model_mount)
         return
@@ -71,13 +71,14 @@ def render(c, target="cloudrun", tag="", output="", model_mount=False):
 @task(
     help={
         "target": "cloudrun or fly",
-        "to": "revision (Cloud Run) or image (Fly) to go back to; default: the model before the last `invoke release`, "
-              "else the revision or image before the current",
+        "to": "revision (Cloud Run) or image (Fly) to go back to; default: where a held or interrupted `invoke "
+              "release` started (the journal's stable revision, or image and env), else the model before the last "
+              "release, else the revision or image before the current",
         "dry_run": "print every command instead of running it",
     }
 )
 def rollback(c, target, to="", dry_run=False):
-    """Go back to the model before the last release, else the previous revision (Cloud Run) or image (Fly)."""
+    """Go back to where an unfinished or the last release started, else the previous revision or image."""
     module = _target(target)
     if not hasattr(module, "rollback"):
         raise Exit(f"target {target!r} has nothing to roll back: redeploy it instead")

@@ -45,7 +45,7 @@ def check_ready(c: Context, dry_run: bool) -> None:
 
 
 def secret_names(c: Context) -> set[str]:
-    result = c.run(shlex.join([flyctl(), "secrets", "list", "--json", *_app(c)]), hide=True, warn=True)
+    result = c.run(shlex.join([flyctl(), "secrets", "list", "--json", *app_flags(c)]), hide=True, warn=True)
     return {s.get("name") or s.get("Name") for s in json.loads(result.stdout or "[]")} if result.ok else set()
 
 
@@ -59,23 +59,28 @@ def require_bucket_access(c: Context, names: set[str]) -> None:
                    "key with `invoke fly.credentials --key-file key.json`.")
 
 
-def credentials_flags(c: Context) -> list[str]:
+def credentials_env(c: Context) -> dict[str, str]:
     """How the app reaches the bucket: keyless (workload identity federation, service/credentials.py) when
     configured, else the key secret written to a file that Application Default Credentials reads."""
     if c.fly.workload_identity_provider:
-        env = {"GCP_WORKLOAD_IDENTITY_PROVIDER": c.fly.workload_identity_provider,
-               "GCP_SERVICE_ACCOUNT": runtime_account(c), "GOOGLE_CLOUD_PROJECT": c.gcp.project}
-        return [flag for name, value in env.items() for flag in ("--env", f"{name}={value}")]
-    return ["--file-secret", f"{KEY_PATH}={KEY_SECRET}", "--env", f"GOOGLE_APPLICATION_CREDENTIALS={KEY_PATH}"]
+        return {"GCP_WORKLOAD_IDENTITY_PROVIDER": c.fly.workload_identity_provider,
+                "GCP_SERVICE_ACCOUNT": runtime_account(c), "GOOGLE_CLOUD_PROJECT": c.gcp.project}
+    return {"GOOGLE_APPLICATION_CREDENTIALS": KEY_PATH}
 
 
-def _app(c: Context) -> list[str]:
+def credentials_flags(c: Context) -> list[str]:
+    env = credentials_env(c)
+    flags = [] if c.fly.workload_identity_provider else ["--file-secret", f"{KEY_PATH}={KEY_SECRET}"]
+    return flags + [flag for name, value in env.items() for flag in ("--env", f"{name}={value}")]
+
+
+def app_flags(c: Context) -> list[str]:
     return ["--app", c.fly.app]
 
 
 def deploy_command(c: Context, image_ref: str | None, label: str) -> list[str]:
     """`flyctl deploy`: Fly's remote builder by default, or a given image (pushed from here, or a rollback)."""
-    command = [flyctl() or "flyctl", "deploy", *_app(c), "--config", c.fly.config, "--wait-timeout", "10m"]
+    command = [flyctl() or "flyctl", "deploy", *app_flags(c), "--config", c.fly.config, "--wait-timeout", "10m"]
     command += ["--image", image_ref] if image_ref else ["--remote-only", "--image-label", label]
     for name, value in model_env(c).items():
         command += ["--env", f"{name}={value}"]
@@ -89,17 +94,18 @@ def app_url(c: Context) -> str:
     return c.fly.url or f"https://{c.fly.app}.fly.dev"
 
 
-def current_image(c: Context) -> str | None:
-    """The image the app's machines run now (`flyctl status --json`), to come back to if the deploy fails."""
-    result = c.run(shlex.join([flyctl(), "status", "--json", *_app(c)]), hide=True, warn=True)
+def serving(c: Context) -> dict | None:
+    """What the app's Machines run now (`flyctl status --json`): {"image": REF, "env": {...}}, the state a deploy or a
+    release comes back to; None for a new app (no Machines yet)."""
+    result = c.run(shlex.join([flyctl(), "status", "--json", *app_flags(c)]), hide=True, warn=True)
     if not result.ok:
-        return None  # a new app has no machines yet
-    status = json.loads(result.stdout or "{}")
-    for machine in status.get("Machines") or []:
+        return None
+    for machine in json.loads(result.stdout or "{}").get("Machines") or []:
         ref = machine.get("image_ref") or {}
         if ref.get("repository"):
             name = f"{ref.get('registry', 'registry.fly.io')}/{ref['repository']}"
-            return f"{name}@{ref['digest']}" if ref.get("digest") else f"{name}:{ref.get('tag', 'latest')}"
+            image_ref = f"{name}@{ref['digest']}" if ref.get("digest") else f"{name}:{ref.get('tag', 'latest')}"
+            return {"image": image_ref, "env": dict((machine.get("config") or {}).get("env") or {})}
     return None
 
 
@@ -112,7 +118,7 @@ def deploy(c: Context, tag: str, dry_run: bool) -> None:
         if "API_KEYS" not in names:
             print(f"note: {c.fly.app} has no API_KEYS secret, so anyone who finds {app_url(c)} can run the model on "
                   "your bill; `invoke fly.api-key` makes a key and stores it")
-    previous = None if dry_run else current_image(c)
+    previous = None if dry_run else serving(c)
     image_ref = None
     if c.fly.build == "image":
         image_ref = image.image_ref(c, "fly", label)
@@ -125,20 +131,33 @@ def deploy(c: Context, tag: str, dry_run: bool) -> None:
     if result.ok:
         return
     if previous:
-        print(f"smoke test failed ({result.reason}); redeploying the previous image {previous}")
+        print(f"smoke test failed ({result.reason}); redeploying the previous image {previous['image']} with its env")
         c.run(shlex.join(rollback_command(c, previous)))
-        raise Exit(f"smoke test failed: {result.reason}\nrolled back to {previous}")
+        raise Exit(f"smoke test failed: {result.reason}\nrolled back to {previous['image']}")
     raise Exit(f"smoke test failed: {result.reason}\nno previous release to roll back to")
 
 
-def rollback_command(c: Context, image_ref: str) -> list[str]:
-    # Fly has no rollback command: redeploy the older image (config and secrets stay as they are).
-    return [flyctl() or "flyctl", "deploy", *_app(c), "--config", c.fly.config, "--image", image_ref,
-            "--strategy", "immediate", "--wait-timeout", "10m"]  # fmt: skip
+def redeploy_command(c: Context, image_ref: str, env: dict[str, str], strategy: str) -> list[str]:
+    """`flyctl deploy` of an image that exists with exactly `env`: a deploy rebuilds each Machine's env from fly.toml's
+    [env] and the --env flags, so whatever is not passed is dropped. Secrets are the app's and stay; the key file
+    secret is mounted again when the env points at it."""
+    command = [flyctl() or "flyctl", "deploy", *app_flags(c), "--config", c.fly.config, "--image", image_ref,
+               "--strategy", strategy, "--wait-timeout", "10m"]
+    for name, value in sorted(env.items()):
+        command += ["--env", f"{name}={value}"]
+    if env.get("GOOGLE_APPLICATION_CREDENTIALS") == KEY_PATH:
+        command += ["--file-secret", f"{KEY_PATH}={KEY_SECRET}"]
+    return command
+
+
+def rollback_command(c: Context, back: dict) -> list[str]:
+    """Fly has no rollback command: redeploy the older image with the env its Machines had (MODEL_URI,
+    MODEL_SHA256, settings), at once."""
+    return redeploy_command(c, back["image"], back["env"], "immediate")
 
 
 def previous_release_image(c: Context) -> str:
-    result = c.run(shlex.join([flyctl(), "releases", "--json", "--image", *_app(c)]), hide=True)
+    result = c.run(shlex.join([flyctl(), "releases", "--json", "--image", *app_flags(c)]), hide=True)
     releases = json.loads(result.stdout or "[]")
     images = [r.get("ImageRef") for r in sorted(releases, key=lambda r: r.get("Version", 0), reverse=True)]
     current = images[0] if images else None
@@ -151,11 +170,13 @@ def previous_release_image(c: Context) -> str:
 def rollback(c: Context, to: str, dry_run: bool) -> None:
     check_ready(c, dry_run)
     if dry_run:
-        c.run(shlex.join(rollback_command(c, to or "<previous release image>")), dry=True)
+        c.run(shlex.join(rollback_command(c, {"image": to or "<previous release image>", "env": {}})), dry=True)
+        print("# with --env NAME=VALUE for each variable the Machines have now (MODEL_URI, MODEL_SHA256, settings)")
         return
+    now = serving(c)
     target = to or previous_release_image(c)
-    c.run(shlex.join(rollback_command(c, target)))
-    print(f"redeployed {target}")
+    c.run(shlex.join(rollback_command(c, {"image": target, "env": now["env"] if now else {}})))
+    print(f"redeployed {target} with the env the Machines had (model {(now or {}).get('env', {}).get('MODEL_URI')})")
 
 
 @task(
@@ -177,7 +198,7 @@ def credentials(c, key_file, dry_run=False):
                    "`gcloud iam service-accounts keys create key.json --iam-account=SA_EMAIL`.")
     # Piped on stdin (NAME=-), never on the command line; deploy's --file-secret writes it to the credentials path.
     encoded = base64.b64encode(Path(key_file).read_bytes()).decode()
-    command = [flyctl() or "flyctl", "secrets", "set", f"{KEY_SECRET}=-", "--stage", *_app(c)]
+    command = [flyctl() or "flyctl", "secrets", "set", f"{KEY_SECRET}=-", "--stage", *app_flags(c)]
     if dry_run:
         print(shlex.join(command) + " < base64 " + key_file)
         return
@@ -208,7 +229,7 @@ def api_key(c, keep="", new=True, stage=False, dry_run=False):
         raise Exit("--no-new stores only the --keep keys, and none were given: pass --keep KEY (the key clients "
                    "use now), or leave out --no-new to make one.")
     # Piped on stdin (NAME=-), never on the command line, where `ps` on this machine would show it.
-    command = [flyctl() or "flyctl", "secrets", "set", "API_KEYS=-", *_app(c), *(["--stage"] if stage else [])]
+    command = [flyctl() or "flyctl", "secrets", "set", "API_KEYS=-", *app_flags(c), *(["--stage"] if stage else [])]
     if dry_run:
         given = [*(["a new key"] if new else []), *([f"{len(kept)} kept key(s)"] if kept else [])]
         print(shlex.join(command) + " < " + " and ".join(given))

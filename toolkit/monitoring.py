@@ -80,10 +80,15 @@ def access_token(c: Context) -> str:
     account, the same identity that moves the traffic."""
     if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
         import google.auth
+        import google.auth.exceptions
         import google.auth.transport.requests
 
-        credentials, _ = google.auth.default(scopes=[SCOPE])
-        credentials.refresh(google.auth.transport.requests.Request())
+        try:
+            credentials, _ = google.auth.default(scopes=[SCOPE])
+            credentials.refresh(google.auth.transport.requests.Request())
+        except google.auth.exceptions.GoogleAuthError as exc:
+            raise Exit(f"no credentials to read Cloud Monitoring from GOOGLE_APPLICATION_CREDENTIALS: {exc}; point it "
+                       "at a service-account key file, or unset it to use gcloud's account") from None
         return credentials.token
     result = c.run("gcloud auth print-access-token", hide=True, warn=True)
     if not result.ok:
@@ -115,14 +120,20 @@ def _value(point: dict) -> float:
 
 
 def read(c: Context, revision: str, start: float, end: float, token: str) -> Figures:
-    """The revision's figures between `start` and `end` (Unix seconds)."""
+    """The revision's figures between `start` and `end` (Unix seconds); Exit when Cloud Monitoring does not answer
+    within release.monitoring_timeout."""
     wanted = queries(c, revision, start, end)
-    with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=30) as client:
-        requests = errors = 0
-        for series in _series(client, c, wanted["requests"]):
-            count = int(sum(_value(p) for p in series.get("points", [])))
-            requests += count
-            if series.get("metric", {}).get("labels", {}).get("response_code_class") == "5xx":
-                errors += count
-        latencies = [_value(p) for s in _series(client, c, wanted["latency"]) for p in s.get("points", [])]
+    timeout = float(c.release.monitoring_timeout)
+    try:
+        with httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=timeout) as client:
+            requests = errors = 0
+            for series in _series(client, c, wanted["requests"]):
+                count = int(sum(_value(p) for p in series.get("points", [])))
+                requests += count
+                if series.get("metric", {}).get("labels", {}).get("response_code_class") == "5xx":
+                    errors += count
+            latencies = [_value(p) for s in _series(client, c, wanted["latency"]) for p in s.get("points", [])]
+    except httpx.TransportError as exc:
+        raise Exit(f"Cloud Monitoring did not answer ({type(exc).__name__} after up to {timeout:g}s, "
+                   f"release.monitoring_timeout): {exc}") from None
     return Figures(revision, requests, errors, max(latencies) if latencies else None)

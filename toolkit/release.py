@@ -1,334 +1,61 @@
 """`invoke release`: a new model on the image that serves now, no build. Compare it with the serving model, start it
 beside the serving one, smoke-test it, then move traffic to it (Cloud Run: in steps, judged on Cloud Monitoring;
-Fly: one blue-green deploy). The promoted model is written into invoke.yaml (`model.uri`, `model.sha256`): the one
-record of the serving model, which `deploy` reads, and `rollback` after a release brings the previous one back.
+Fly: one blue-green deploy). Every state is written to the release journal before its action, and any failure or
+signal goes back to where the release started (`release_journal`). `status` shows what serves and a release that
+did not end; `rollback` (in `deploy`) after a release goes back to where the journal says it started.
 
-The platform parts live in `release_cloudrun.py` and `release_fly.py`; what both need (the plan, the compare gate,
-the samples, the record) is here.
+This module is the tasks and the table of platforms; what every release needs is `release_core`, the journal and
+the way back `release_journal`, each platform's part `release_cloudrun` and `release_fly`.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
-import re
 import shlex
-from dataclasses import dataclass, field
-from pathlib import Path
+import sys
 
-import httpx
 from invoke import Context, Exit, task
 
-from toolkit.monitoring import Figures
+from toolkit import release_cloudrun, release_fly, release_journal as journal
+from toolkit.release_core import make_plan
 
-RELEASE_TARGETS = ("cloudrun", "fly")
-
-
-@dataclass
-class Plan:
-    """What one release does, from its flags and config, checked before anything runs."""
-
-    target: str
-    model: str
-    sha256: str
-    samples: list[dict] = field(default_factory=list)
-    steps: list[int] = field(default_factory=list)
-    step_wait: float = 0.0
-    skip_compare: bool = False
-    dry_run: bool = False
-
-    @property
-    def pinned_id(self) -> str:
-        """The model's storage generation, else the first 12 hex digits of its sha256."""
-        generation = self.model.partition("#")[2]
-        return generation or self.sha256[:12]
+PLATFORMS = {
+    "cloudrun": release_cloudrun,  # a tagged revision of the serving digest, traffic in steps judged on Monitoring
+    "fly": release_fly,  # one blue-green deploy of the serving image with only the model changed
+}
 
 
-def parse_steps(text: str) -> list[int]:
-    """`10,50,100` -> [10, 50, 100]: whole percents, ascending, ending at 100 (the promotion)."""
+def platform(target: str):
     try:
-        steps = [int(part) for part in str(text).replace(" ", "").split(",") if part]
-    except ValueError:
-        raise Exit(f"--steps {text!r} is not a list of whole percents: use e.g. 10,50,100") from None
-    if not steps or any(not 0 < s <= 100 for s in steps) or steps != sorted(set(steps)):
-        raise Exit(f"--steps {text!r}: percents between 1 and 100, ascending, e.g. 10,50,100")
-    return steps if steps[-1] == 100 else [*steps, 100]
-
-
-def load_samples(path: str) -> list[dict]:
-    """A JSONL file of /predict bodies, one a line, read as `model.compare` reads it."""
-    if not path:
-        return []
-    from toolkit import compare
-
-    try:
-        return compare.read_samples(path)
-    except compare.CompareError as exc:
-        raise Exit(f"--samples: {exc}") from None
-
-
-def make_plan(c: Context, target: str, model: str, sha256: str, samples: str, steps: str, step_wait,
-              skip_compare: bool, dry_run: bool) -> Plan:
-    if target not in RELEASE_TARGETS:
-        raise Exit(f"unknown target {target!r} for a release: use one of {', '.join(RELEASE_TARGETS)}")
-    if not model.startswith("gs://"):
-        raise Exit(f"--model {model!r}: a release serves a model from Cloud Storage: upload it (`gcloud storage cp "
-                   "model.onnx gs://BUCKET/model-v2.onnx`) and pass its gs:// URI.")
-    if sha256 and not re.fullmatch(r"[0-9a-f]{64}", sha256):
-        raise Exit(f"--sha256 {sha256!r} is not a sha256 hex digest (64 characters 0-9a-f): `sha256sum model.onnx`")
-    generation = model.partition("#")[2]
-    if generation and not generation.isdigit():
-        raise Exit(f"--model {model!r}: #{generation} is not a storage generation (digits, as `gcloud storage "
-                   "objects describe URI --format='value(generation)'` prints)")
-    if not generation and not sha256:
-        raise Exit(f"--model {model!r} names no version: pin it with #GENERATION or --sha256, so that every instance "
-                   "serves the same model and the release has a name")
-    return Plan(target, model, sha256, load_samples(samples or c.release.samples),
-                parse_steps(steps or c.release.steps), float(c.release.step_wait if step_wait is None else step_wait),
-                skip_compare, dry_run)
-
-
-# ---- the compare gate --------------------------------------------------------------------------------------------
-
-
-def compare_gate(c: Context, plan: Plan, baseline: str, baseline_sha256: str, samples_path: str,
-                 warmup_input: str = "") -> None:
-    """`model.compare` of the candidate against the serving model, on this machine; Exit on a failed gate."""
-    if plan.skip_compare:
-        print("!" * 100 + f"\n! --skip-compare: {plan.model} is NOT compared with the serving model {baseline}; "
-              "a renamed output, a wrong model or a slower one goes out unchecked\n" + "!" * 100)
-        return
-    if plan.dry_run:
-        print(f"# invoke model.compare --candidate {plan.model} --baseline {baseline}"
-              + (f" --samples {samples_path}" if samples_path else ""))
-        return
-    from toolkit import compare
-
-    print(f"compare: {plan.model} against the serving {baseline}")
-    try:
-        report = compare.compare_models(plan.model, baseline, samples=samples_path,
-                                        thresholds=compare.thresholds_from_config(c),
-                                        candidate_sha256=plan.sha256, baseline_sha256=baseline_sha256,
-                                        warmup_input=warmup_input)
-    except compare.CompareError as exc:
-        raise Exit(f"release stopped before any change: the compare could not run: {exc}") from None
-    print(report.text())
-    if not report.ok:
-        raise Exit("release stopped before any change: the candidate fails the compare: "
-                   + "; ".join(report.failures))
-
-
-def answers(url: str, samples: list[dict], token: str = "") -> list[dict]:
-    """The `outputs` of /predict at URL for every sample."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    found = []
-    with httpx.Client(headers=headers, timeout=60) as client:
-        for number, sample in enumerate(samples, 1):
-            response = client.post(f"{url.rstrip('/')}/predict", json=sample)
-            body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
-            if response.status_code != 200 or not isinstance(body.get("outputs"), dict):
-                raise Exit(f"sample {number} answered {response.status_code} at {url}: {response.text[:200]}")
-            found.append(body["outputs"])
-    return found
-
-
-def compare_answers(c: Context, serving_url: str, candidate_url: str, samples: list[dict], token: str = "") -> None:
-    """The candidate's answers to the samples against the serving revision's, over HTTP, held to the compare's
-    output gates (release.max_abs_diff, release.min_agreement); Exit with the failed gates in one line."""
-    if not samples:
-        return
-    import dataclasses
-
-    from toolkit import compare
-
-    drift = compare.diff_outputs(answers(serving_url, samples, token), answers(candidate_url, samples, token))
-    for name, figures in drift.items():
-        print(f"answers on {len(samples)} samples, output {name}: "
-              + ", ".join(f"{key} {value}" for key, value in figures.items()))
-    count = len(samples)
-    document = {"signature": {"breaking": []}, "outputs": drift, "latency": {},
-                "requests": {"count": count, "answered": {"baseline": count, "candidate": count},
-                             "errors": {"baseline": [], "candidate": []}, "refused_by_candidate_only": []}}
-    limits = dataclasses.replace(compare.thresholds_from_config(c), max_latency_ratio=None)  # speed: model.compare's
-    failures = compare.gate_failures(document, limits, allow_breaking=False)
-    failures += [f"output {name!r} is not in the candidate's answers" for name, figures in drift.items()
-                 if figures.get("only_in") == "baseline"]
-    if failures:
-        raise Exit("; ".join(failures))
-
-
-# ---- judging a traffic step ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Verdict:
-    action: str  # "advance", "rollback" or "hold"
-    reason: str
-
-
-def judge(c: Context, candidate: Figures, stable: Figures) -> Verdict:
-    """Advance, roll back or hold. Unhealthy beats too-few-requests (as in cloud-run-release-manager): a 5xx burst
-    rolls back even on a thin step."""
-    limits = c.release
-    share, ceiling = candidate.error_share, float(limits.max_5xx_share)
-    if candidate.requests and share > ceiling and share > stable.error_share:
-        return Verdict("rollback", f"candidate {candidate.revision} answered 5xx to {100 * share:.2f}% of "
-                                   f"{candidate.requests} requests (limit {100 * ceiling:.2f}%, stable "
-                                   f"{100 * stable.error_share:.2f}%)")
-    ratio = float(limits.max_p99_ratio)
-    if candidate.p99_ms is not None and stable.p99_ms and candidate.p99_ms > ratio * stable.p99_ms:
-        return Verdict("rollback", f"candidate {candidate.revision} p99 {candidate.p99_ms:.0f} ms is "
-                                   f"{candidate.p99_ms / stable.p99_ms:.2f}x the stable {stable.p99_ms:.0f} ms "
-                                   f"(limit {ratio}x)")
-    if candidate.requests < int(limits.min_requests):
-        return Verdict("hold", f"candidate {candidate.revision} had {candidate.requests} requests in the window, "
-                               f"fewer than release.min_requests {limits.min_requests}: too few to judge")
-    return Verdict("advance", f"candidate {candidate.describe()}; stable {stable.describe()}")
-
-
-# ---- the record of the serving model ---------------------------------------------------------------------------
-
-
-def config_file(c: Context) -> Path:
-    """The invoke.yaml that holds model.uri: release.record, else the -f file, else the project's."""
-    if c.release.record:
-        return Path(c.release.record)
-    for loaded in (getattr(c.config, "_runtime_path", None), getattr(c.config, "_project_path", None)):
-        if loaded:  # the file Invoke read: `invoke -f FILE`, else the project's invoke.yaml (or .yml)
-            return Path(loaded)
-    return Path(getattr(c.config, "_project_prefix", None) or "./") / "invoke.yaml"
-
-
-def history_file(c: Context) -> Path:
-    path = config_file(c)
-    return path.with_name(path.stem + ".releases.json")
-
-
-def history(c: Context) -> list[dict]:
-    path = history_file(c)
-    try:
-        return json.loads(path.read_text()) if path.is_file() else []
-    except ValueError as exc:
-        raise Exit(f"{path} is not the JSON list `invoke release` writes: {exc}") from None
-
-
-def last_release(c: Context, target: str) -> dict | None:
-    """The newest release to `target` that was not rolled back."""
-    return next((r for r in reversed(history(c)) if r["target"] == target and not r.get("rolled_back")), None)
-
-
-def write_model(path: Path, uri: str, sha256: str) -> None:
-    """Set model.uri and model.sha256 in invoke.yaml, keeping every other line and comment as it is."""
-    lines = path.read_text().splitlines() if path.is_file() else []
-    values = {"uri": json.dumps(uri), "sha256": json.dumps(sha256)}
-    start = next((i for i, line in enumerate(lines) if re.match(r"model:\s*(#.*)?$", line)), None)
-    if start is None:
-        lines += ["model:", *(f"  {key}: {value}" for key, value in values.items())]
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i][0].isspace()
-                    and not lines[i].startswith("#")), len(lines))
-        seen = set()
-        for i in range(start + 1, end):
-            match = re.match(r"(\s+)(uri|sha256):\s*(?:\"[^\"]*\"|'[^']*'|[^\s#]*)(\s*#.*)?$", lines[i])
-            if match:
-                indent, key, comment = match.group(1), match.group(2), match.group(3) or ""
-                lines[i] = f"{indent}{key}: {values[key]}" + (f"  {comment.strip()}" if comment else "")
-                seen.add(key)
-        lines[start + 1:start + 1] = [f"  {key}: {values[key]}" for key in values if key not in seen]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def record(c: Context, entry: dict) -> None:
-    """After a promotion: the model into invoke.yaml, the release (with what it replaced) into the history."""
-    path = config_file(c)
-    write_model(path, entry["model"]["uri"], entry["model"]["sha256"])
-    entry = {**entry, "released_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    history_file(c).write_text(json.dumps([*history(c), entry], indent=2) + "\n")
-    print(f"recorded: model.uri {entry['model']['uri']} in {path}; a later `invoke deploy` serves it")
-
-
-def record_rollback(c: Context, entry: dict) -> None:
-    entries = history(c)
-    for item in entries:
-        if item == entry:
-            item["rolled_back"] = True
-    history_file(c).write_text(json.dumps(entries, indent=2) + "\n")
-    previous = entry["previous"]
-    write_model(config_file(c), previous["uri"], previous.get("sha256", ""))
-    print(f"recorded: model.uri {previous['uri']} in {config_file(c)} again")
-
-
-def warn_if_unreleased_model(c: Context, target: str) -> None:
-    """`deploy` calls this: a code deploy whose model differs from the last release says so, loudly."""
-    released = last_release(c, target)
-    if released and str(c.model.uri) != released["model"]["uri"]:
-        print(f"WARNING: this deploy sends model.uri {c.model.uri}, not {released['model']['uri']} that "
-              f"`invoke release` put on {target} at {released['released_at']}: the serving model changes with it")
-
-
-# ---- status: what serves ----------------------------------------------------------------------------------
-
-
-def health_of(url: str, token: str = "", headers: dict | None = None) -> dict:
-    """What the instance behind URL says it serves: model uri, generation, sha256, and build when reported."""
-    try:
-        response = httpx.get(f"{url.rstrip('/')}/health", timeout=15,
-                             headers={**({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {})})
-        body = response.json()
-    except (httpx.HTTPError, ValueError) as exc:
-        return {"error": f"/health did not answer: {type(exc).__name__}"}
-    model = body.get("model") or {}
-    found = {"status": body.get("status"), "uri": model.get("uri"), "generation": model.get("generation"),
-             "sha256": model.get("sha256")}
-    if isinstance(body.get("build"), dict):
-        found["build"] = body["build"].get("revision")
-    return found
-
-
-def show(rows: list[dict], as_json: bool, kind: str) -> None:
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return
-    header = [kind.upper(), "TRAFFIC", "IMAGE DIGEST", "MODEL", "GENERATION", "SHA256", "BUILD"]
-    table = [header]
-    for row in rows:
-        health = row["health"]
-        digest = row["image"].partition("@")[2][:19] or row["image"]
-        table.append([row[kind] + (f" ({', '.join(row['tags'])})" if row.get("tags") else ""), row["share"]
-                      if "share" in row else f"{row['percent']}%", digest,
-                      health.get("uri") or health.get("error", ""), str(health.get("generation") or "-"),
-                      (health.get("sha256") or "-")[:12], health.get("build") or "-"])
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    for line in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
-
-
-# ---- the tasks -----------------------------------------------------------------------------------------------------
-
-
-def _module(target: str):
-    from toolkit import release_cloudrun, release_fly
-
-    modules = {"cloudrun": release_cloudrun, "fly": release_fly}
-    if target not in modules:
-        raise Exit(f"unknown target {target!r}: use one of {', '.join(modules)}")
-    return modules[target]
+        return PLATFORMS[target]
+    except KeyError:
+        raise Exit(f"unknown target {target!r} for a release: use one of {', '.join(PLATFORMS)}") from None
 
 
 def rollback_release(c: Context, target: str, dry_run: bool) -> bool:
-    """`invoke rollback` right after a release: the previous model comes back (True), else False (nothing released)."""
-    entry = last_release(c, target) if target in RELEASE_TARGETS else None
+    """`invoke rollback` after a release: back to where the journal's newest release started when it was held or
+    interrupted, or to the model before the last promotion (True); else False (nothing released)."""
+    if target not in PLATFORMS:
+        return False
+    entry = journal.unfinished(c, target)
+    if entry is not None and journal.in_flight(entry) and not dry_run:
+        raise Exit(f"the release of {entry['model']['uri']} is still running (pid {entry['pid']}): Ctrl-C it (or "
+                   f"`kill {entry['pid']}`), and it goes back by itself")
     if entry is None:
-        return False
-    if not dry_run and not _module(target).still_serving(c, entry):
-        print(f"the last release ({entry['model']['uri']}) no longer serves as released: rolling back the deploy")
-        return False
-    print(f"rolling back the release of {entry['model']['uri']} ({entry['released_at']}) to {entry['previous']['uri']}")
-    command, done = _module(target).rollback_command(c, entry)
+        entry = journal.last_release(c, target)
+        if entry is None:
+            return False
+        if not dry_run and not platform(target).still_serving(c, entry):
+            print(f"the last release ({entry['model']['uri']}) no longer serves as released: rolling back the deploy")
+            return False
+        print(f"rolling back the release of {entry['model']['uri']} ({entry['released_at']}) to "
+              f"{entry['previous']['uri']}")
+    else:
+        print(f"going back from the {entry['state']} release of {entry['model']['uri']} to where it started")
+    command, done = platform(target).rollback_command(c, entry)
     c.run(shlex.join(command), dry=dry_run)
     if not dry_run:
         print(done)
-        record_rollback(c, entry)
+        journal.rolled_back_by_hand(c, entry, done)
     return True
 
 
@@ -348,8 +75,9 @@ def rollback_release(c: Context, target: str, dry_run: bool) -> bool:
 )
 def release(c, target, model, sha256="", samples="", steps="", step_wait=None, skip_compare=False, dry_run=False):
     """Release a new model on the serving image (no build): compare it, smoke-test it, then move traffic to it."""
+    module = platform(target)
     plan = make_plan(c, target, model, sha256, samples, steps, step_wait, skip_compare, dry_run or c.config.run.dry)
-    _module(target).release(c, plan, samples or c.release.samples)
+    module.release(c, plan, samples or c.release.samples)
 
 
 @task(
@@ -359,5 +87,9 @@ def release(c, target, model, sha256="", samples="", steps="", step_wait=None, s
     }
 )
 def status(c, target, json=False):
-    """Show what serves now: revisions or machines, traffic share, image digest, and the model each serves."""
-    _module(target).status(c, as_json=json)
+    """Show what serves (revisions or machines, traffic, image, model) and a release that did not end, with its fix."""
+    module = platform(target)
+    module.status(c, as_json=json)
+    entry = journal.unfinished(c, target)
+    if entry is not None:  # beside the JSON document, not in it: stdout stays one document
+        print(journal.describe_unfinished(entry, module.finish_hint(entry)), file=sys.stderr if json else sys.stdout)

@@ -11,8 +11,8 @@ import time
 
 from invoke import Context, Exit
 
-from toolkit import cloudrun, monitoring, release as common, smoke
-from toolkit.cloudrun import _where, describe
+from toolkit import cloudrun, monitoring, release_core as common, release_journal as journal, smoke
+from toolkit.cloudrun import describe, where
 
 TAG_LIMIT = 46  # Cloud Run: "Combined traffic tag and service name cannot exceed 46 characters."
 
@@ -27,7 +27,7 @@ def model_tag(c: Context, plan: common.Plan) -> str:
 
 
 def revision(c: Context, name: str) -> dict:
-    command = ["gcloud", "run", "revisions", "describe", name, *_where(c), "--format", "json"]
+    command = ["gcloud", "run", "revisions", "describe", name, *where(c), "--format", "json"]
     result = c.run(shlex.join(command), hide=True, warn=True)
     if not result.ok:
         raise Exit(f"`{shlex.join(command)}` failed:\n{result.stderr}")
@@ -69,19 +69,49 @@ def stable_revision(service: dict, candidate_tag: str) -> str:
 
 def update_command(c: Context, image_ref: str, plan: common.Plan, tag: str) -> list[str]:
     env = {"MODEL_URI": plan.model, "MODEL_SHA256": plan.sha256}
-    command = ["gcloud", "run", "services", "update", c.cloudrun.service, *_where(c), "--image", image_ref,
+    command = ["gcloud", "run", "services", "update", c.cloudrun.service, *where(c), "--image", image_ref,
                "--update-env-vars", "^@^" + "@".join(f"{k}={v}" for k, v in env.items()),
                "--no-traffic", "--tag", tag, "--quiet"]
     return command
 
 
 def traffic_command(c: Context, revision_name: str, percent: int) -> list[str]:
-    return ["gcloud", "run", "services", "update-traffic", c.cloudrun.service, *_where(c),
+    return ["gcloud", "run", "services", "update-traffic", c.cloudrun.service, *where(c),
             "--to-revisions", f"{revision_name}={percent}", "--quiet"]
 
 
-def _token(c: Context) -> str:
-    return "" if c.cloudrun.public else smoke.gcloud_identity_token(c)
+def split_of(service: dict | None) -> dict[str, int]:
+    """Revision -> percent of the traffic it takes."""
+    shares: dict[str, int] = {}
+    for target in (service or {}).get("status", {}).get("traffic", []):
+        if target.get("percent"):
+            shares[target["revisionName"]] = shares.get(target["revisionName"], 0) + target["percent"]
+    return shares
+
+
+def describe_split(shares: dict[str, int]) -> str:
+    return ", ".join(f"{name} {percent}%" for name, percent in shares.items()) or "no traffic at all"
+
+
+def way_back(c: Context, stable: str) -> journal.WayBack:
+    """All traffic to the stable revision, unless it has it already; checked by reading the service again."""
+    command = traffic_command(c, stable, 100)
+
+    def go() -> str:
+        try:
+            shares = split_of(describe(c))
+        except Exit:
+            shares = {}
+        if shares != {stable: 100}:
+            print(f"going back: {shlex.join(command)}", flush=True)
+            c.run(shlex.join(command))
+            shares = split_of(describe(c))
+            if shares != {stable: 100}:
+                raise Exit(f"after update-traffic the service sends {describe_split(shares)}")
+        return f"release stopped, traffic 100% on {stable}"
+
+    return journal.WayBack(go, lambda: f"service {c.cloudrun.service} sends {describe_split(split_of(describe(c)))}",
+                           shlex.join(command))
 
 
 def release(c: Context, plan: common.Plan, samples_path: str) -> None:
@@ -107,68 +137,73 @@ def release(c: Context, plan: common.Plan, samples_path: str) -> None:
     print(f"serving: {stable} ({image_ref}) with {serving_env.get('MODEL_URI')}")
     common.compare_gate(c, plan, serving_env.get("MODEL_URI", ""), serving_env.get("MODEL_SHA256", ""), samples_path,
                         serving_env.get("WARMUP_INPUT", ""))
+    reach = smoke.access(c, "cloudrun")
 
-    existing = next((t for t in service["status"].get("traffic", []) if t.get("tag") == tag), None)
-    if existing and revision_env(revision(c, existing["revisionName"])).get("MODEL_URI") == plan.model:
-        print(f"resuming: revision {existing['revisionName']} already carries tag {tag}")
-    else:
-        c.run(shlex.join(update_command(c, image_ref, plan, tag)))
-        service = describe(c)
-    candidate = cloudrun.tagged(service, tag)
-    name = candidate["revisionName"]
-    current = sum(t.get("percent", 0) for t in service["status"]["traffic"] if t["revisionName"] == name)
-
-    def back_to_stable(reason: str) -> Exit:
-        if current or moved:
-            c.run(shlex.join(traffic_command(c, stable, 100)))
-        return Exit(f"release stopped, traffic 100% on {stable}: {reason} (revision {name} keeps tag {tag})")
-
-    moved = False
-    result = smoke.check(candidate["url"], timeout=float(c.smoke.timeout), token=_token(c),
-                         sample=plan.samples[0] if plan.samples else None, expect_sha256=plan.sha256)
-    if not result.ok:
-        raise back_to_stable(f"smoke test of {candidate['url']} failed: {result.reason}")
-    print(f"smoke test passed on {candidate['url']}")
-    try:
-        if plan.skip_compare or current:  # with traffic on it, the service URL no longer reaches only the stable one
-            common.answers(candidate["url"], plan.samples, _token(c))
-        else:
-            common.compare_answers(c, service["status"]["url"], candidate["url"], plan.samples, _token(c))
-    except Exit as exc:
-        raise back_to_stable(f"answers on the samples: {exc.message}") from None
-
-    token = ""
-    for percent in [p for p in plan.steps if p > current]:
-        c.run(shlex.join(traffic_command(c, name, percent)))
-        moved = True
-        print(f"traffic: {percent}% to {name}, {100 - percent}% to {stable}")
-        if percent == 100:
-            break
-        started = time.time()
-        wait = plan.step_wait + float(c.release.ingestion_delay)
-        print(f"waiting {wait:g}s: {plan.step_wait:g}s of traffic, then Cloud Monitoring's ingestion delay")
-        time.sleep(wait)
-        end = started + plan.step_wait
-        start = max(started, end - float(c.release.window))
-        token = token or monitoring.access_token(c)
-        figures = [monitoring.read(c, r, start, end, token) for r in (name, stable)]
-        verdict = common.judge(c, *figures)
-        if verdict.action == "rollback":
-            raise back_to_stable(verdict.reason)
-        if verdict.action == "hold":
-            raise Exit(f"release held at {percent}% to {name}: {verdict.reason}; run the same `invoke release` again "
-                       f"to judge a new window, or `invoke rollback --target cloudrun` to go back to {stable}")
-        print(f"step {percent}% healthy: {verdict.reason}")
     previous = {"uri": serving_env.get("MODEL_URI", ""), "sha256": serving_env.get("MODEL_SHA256", "")}
-    common.record(c, {"target": "cloudrun", "model": {"uri": plan.model, "sha256": plan.sha256}, "previous": previous,
-                      "revision": name, "previous_revision": stable, "image": image_ref, "tag": tag})
+    entry = journal.begin(c, "cloudrun", {"uri": plan.model, "sha256": plan.sha256}, previous,
+                          {"revision": stable, "image": image_ref, "tag": tag})
+    with journal.guarded(c, entry, way_back(c, stable)):
+        existing = next((t for t in service["status"].get("traffic", []) if t.get("tag") == tag), None)
+        if existing:  # a held or stopped release of a model with this tag: its revision may already take traffic
+            journal.note(c, entry, "resuming", f"revision {existing['revisionName']} carries tag {tag}")
+        if existing and revision_env(revision(c, existing["revisionName"])).get("MODEL_URI") == plan.model:
+            print(f"resuming: revision {existing['revisionName']} already carries tag {tag}")
+        else:
+            journal.note(c, entry, "deploying", f"a revision of {image_ref} with {plan.model}, no traffic, tag {tag}")
+            c.run(shlex.join(update_command(c, image_ref, plan, tag)))
+            service = describe(c)
+        candidate = cloudrun.tagged(service, tag)
+        name = candidate["revisionName"]
+        current = split_of(service).get(name, 0)
+        journal.note(c, entry, "deployed", f"candidate {name} at {candidate['url']}, {current}% of the traffic",
+                     candidate=name)
+
+        result = smoke.after_deploy(c, candidate["url"], reach, sample=plan.samples[0] if plan.samples else None)
+        if not result.ok:
+            raise Exit(f"smoke test of {candidate['url']} failed: {result.reason}")
+        try:
+            # with traffic on it, the service URL no longer reaches only the stable one
+            if plan.skip_compare or current:
+                common.answers(candidate["url"], plan.samples, reach)
+            else:
+                common.compare_answers(c, service["status"]["url"], candidate["url"], plan.samples, reach)
+        except Exit as exc:
+            raise Exit(f"answers on the samples: {exc.message}") from None
+
+        steps = [p for p in plan.steps if p > current]
+        token = ""
+        for number, percent in enumerate(steps, 1):
+            journal.note(c, entry, "step", f"step {number} of {len(steps)}: {percent}% to {name}, {100 - percent}% to "
+                                           f"{stable}", step=number, percent=percent)
+            c.run(shlex.join(traffic_command(c, name, percent)))
+            print(f"traffic: {percent}% to {name}, {100 - percent}% to {stable}")
+            if percent == 100:
+                break
+            started = time.time()
+            wait = plan.step_wait + float(c.release.ingestion_delay)
+            print(f"waiting {wait:g}s: {plan.step_wait:g}s of traffic, then Cloud Monitoring's ingestion delay",
+                  flush=True)
+            time.sleep(wait)
+            end = started + plan.step_wait
+            start = max(started, end - float(c.release.window))
+            token = token or monitoring.access_token(c)
+            figures = [monitoring.read(c, r, start, end, token) for r in (name, stable)]
+            verdict = common.judge(c, *figures)
+            if verdict.action == "rollback":
+                raise Exit(verdict.reason)
+            if verdict.action == "hold":
+                raise journal.Held(f"release held at {percent}% to {name}: {verdict.reason}; run the same "
+                                   "`invoke release` again to judge a new window, or `invoke rollback --target "
+                                   f"cloudrun` to go back to {stable}")
+            print(f"step {percent}% healthy: {verdict.reason}")
+        journal.promote(c, entry, revision=name, previous_revision=stable, image=image_ref, tag=tag)
     print(f"released: {plan.model} serves 100% on {name}")
 
 
 def dry_run(c: Context, plan: common.Plan, tag: str, samples_path: str) -> None:
     print("# read what serves: its revision, image digest and model")
-    for command in (["gcloud", "run", "services", "describe", c.cloudrun.service, *_where(c), "--format", "json"],
-                    ["gcloud", "run", "revisions", "describe", "SERVING_REVISION", *_where(c), "--format", "json"]):
+    for command in (["gcloud", "run", "services", "describe", c.cloudrun.service, *where(c), "--format", "json"],
+                    ["gcloud", "run", "revisions", "describe", "SERVING_REVISION", *where(c), "--format", "json"]):
         c.run(shlex.join(command), dry=True)
     common.compare_gate(c, plan, "SERVING_MODEL_URI", "", samples_path)
     c.run(shlex.join(update_command(c, "REPOSITORY@sha256:SERVING_DIGEST", plan, tag)), dry=True)
@@ -190,9 +225,13 @@ def still_serving(c: Context, entry: dict) -> bool:
 
 
 def rollback_command(c: Context, entry: dict) -> tuple[list[str], str]:
-    """Undo a release: all traffic to the revision it replaced."""
-    previous = entry["previous_revision"]
-    return traffic_command(c, previous, 100), f"traffic: 100% to {previous} ({entry['previous']['uri']})"
+    """Undo a release (promoted, held or interrupted): all traffic to the revision it started from."""
+    stable = (entry.get("stable") or {}).get("revision") or entry["previous_revision"]
+    return traffic_command(c, stable, 100), f"traffic: 100% to {stable} ({entry['previous']['uri']})"
+
+
+def finish_hint(entry: dict) -> str:
+    return f"100% back to {(entry.get('stable') or {}).get('revision')}"
 
 
 # ---- status --------------------------------------------------------------------------------------------------------
@@ -210,11 +249,11 @@ def status(c: Context, as_json: bool) -> None:
         if target.get("tag"):
             row["tags"].append(target["tag"])
             row["url"] = target.get("url")
-    token = _token(c)
+    reach = smoke.access(c, "cloudrun")
     for row in rows.values():
         rev = revision(c, row["revision"])
         row["image"] = image_by_digest(rev)
         row["env_model"] = revision_env(rev).get("MODEL_URI", "")
         url = row.get("url") or (service["status"]["url"] if len(rows) == 1 else "")
-        row["health"] = common.health_of(url, token) if url else {"error": "no URL of its own: tag it to reach it"}
+        row["health"] = common.health_of(url, reach) if url else {"error": "no URL of its own: tag it to reach it"}
     common.show(list(rows.values()), as_json, "revision")

@@ -141,6 +141,26 @@ def configured_api_key(c) -> str:
     return c.smoke.api_key or os.environ.get(API_KEY_VARIABLE, "")
 
 
+@dataclass(frozen=True)
+class Access:
+    """How a task reaches the service: the platform's identity token (a private Cloud Run service) and the service's
+    API key (its API_KEYS), together. Every task that calls the service gets it from `access`."""
+
+    token: str = ""
+    api_key: str = ""
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return auth_headers(self.token, self.api_key)
+
+
+def access(c, target: str) -> Access:
+    """The way into TARGET's service from the settings: `gcloud auth print-identity-token` for a private Cloud Run
+    service (cloudrun.public false), and smoke.api_key / ONNX_SERVE_API_KEY for the service's API key."""
+    token = gcloud_identity_token(c) if target == "cloudrun" and not c.cloudrun.public else ""
+    return Access(token, configured_api_key(c))
+
+
 def load_figures(health: dict) -> dict[str, Any]:
     """The finished load in numbers: bytes fetched, seconds to ready, average rate."""
     seconds = health.get("load_seconds")
@@ -273,12 +293,14 @@ def _json_or_none(response: httpx.Response) -> dict | None:
     return body if isinstance(body, dict) else None
 
 
-def after_deploy(c, url: str, token: str = "") -> SmokeResult:
-    """The smoke test as every deploy target runs it: timeout and expected sha256 from config, progress and
-    verdict printed. The caller decides what a failure means for its platform."""
+def after_deploy(c, url: str, reach: Access | None = None, sample: dict | None = None) -> SmokeResult:
+    """The smoke test as every deploy and release runs it: timeout and expected sha256 from config, the way in from
+    `access` (default: the API key alone, for a local service), progress and verdict printed. The caller decides
+    what a failure means for its platform."""
+    reach = reach or Access(api_key=configured_api_key(c))
     print(f"smoke test: {url}")
-    result = check(url, timeout=float(c.smoke.timeout), token=token, expect_sha256=c.model.sha256,
-                   api_key=configured_api_key(c))
+    result = check(url, timeout=float(c.smoke.timeout), token=reach.token, sample=sample,
+                   expect_sha256=c.model.sha256, api_key=reach.api_key)
     if result.ok:
         print(f"smoke test passed in {result.seconds}s: outputs {result.outputs}")
     return result

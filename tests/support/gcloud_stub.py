@@ -1372,19 +1372,21 @@ class GcloudStub:
     # arranging failures
 
     def fail_next(self, status: int, message: str = "Injected failure", *, method: str | None = None,
-                  path_contains: str | None = None, api: str | None = None) -> None:
+                  path_contains: str | None = None, api: str | None = None,
+                  body: Callable[[Any], bool] | None = None) -> None:
         """Answer the next matching request with `status` (4xx) and Google's error body.
 
-        Without `method`/`path_contains`/`api` it matches the next write (POST/PUT/PATCH/DELETE other than the
-        read-only IAM calls)."""
+        Without `method`/`path_contains`/`api`/`body` it matches the next write (POST/PUT/PATCH/DELETE other than the
+        read-only IAM calls); `body` is a test on the parsed JSON body (e.g. the traffic an update asks for)."""
         if not 400 <= status < 500:
             raise ValueError("use a 4xx status: gcloud retries 5xx answers for about half a minute")
 
         def matches(request: RecordedRequest) -> bool:
-            if method is None and path_contains is None and api is None:
+            if method is None and path_contains is None and api is None and body is None:
                 return _is_write(request)
             return ((method is None or request.method == method) and (api is None or request.api == api)
-                    and (path_contains is None or path_contains in request.path))
+                    and (path_contains is None or path_contains in request.path)
+                    and (body is None or (request.body is not None and body(request.body))))
 
         with self.state.lock:
             self.state.failures.append(_Failure(status, message, matches))

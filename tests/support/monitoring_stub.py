@@ -7,6 +7,10 @@ window: https://cloud.google.com/monitoring/api/ref_v3/rest/v3/projects.timeSeri
 as a doubleValue, and an empty object (no `timeSeries`) for a revision that had no requests. It checks what the real
 API rejects: no bearer token (401), a filter without metric.type, an alignment period under 60 s, a cross-series
 reducer without an aligner (400).
+
+On demand it fails as the API can: `refuse(status)` answers every query with that status and Google's error body
+(403 PERMISSION_DENIED, 500 INTERNAL, ...), `hang(seconds)` holds every answer that long (a timeout on the client's
+side); both until set back to None / 0.
 """
 
 from __future__ import annotations
@@ -42,7 +46,16 @@ class MonitoringStub:
         self.default = HEALTHY  # any revision not in `figures`
         self.queries: list[dict[str, list[str]]] = []
         self.errors: list[str] = []
+        self.refusal: int | None = None  # answer every query with this status
+        self.hang_seconds = 0.0  # hold every answer this long
+        self._stopping = threading.Event()
         self._server: http.server.ThreadingHTTPServer | None = None
+
+    def refuse(self, status: int | None) -> None:
+        self.refusal = status
+
+    def hang(self, seconds: float) -> None:
+        self.hang_seconds = seconds
 
     @property
     def url(self) -> str:
@@ -61,6 +74,12 @@ class MonitoringStub:
             return 403, _error(403, f"Permission monitoring.timeSeries.list denied on {match.group(1)}",
                                "PERMISSION_DENIED")
         self.queries.append(query)
+        if self.hang_seconds:
+            self._stopping.wait(self.hang_seconds)
+        if self.refusal:
+            status = {403: "PERMISSION_DENIED", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}
+            return self.refusal, _error(self.refusal, f"Injected failure {self.refusal}",
+                                        status.get(self.refusal, "FAILED_PRECONDITION"))
         text = query.get("filter", [""])[0]
         metric = re.search(r'metric\.type="([^"]+)"', text)
         revision = re.search(r'resource\.labels\.revision_name="([^"]+)"', text)
@@ -117,6 +136,7 @@ class MonitoringStub:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()  # a hanging answer ends now
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -64,6 +64,20 @@ def test_failed_smoke_test_redeploys_the_previous_image(fake_flyctl, broken):
 
 
 @pytest.mark.slow
+def test_failed_smoke_test_rollback_keeps_the_env_the_machines_had(fake_flyctl, broken):
+    before = {"PORT": "8080", "WEB_CONCURRENCY": "1", "MODEL_URI": "gs://my-models/demo.onnx#1",
+              "MODEL_SHA256": "cd" * 32, "LOG_LEVEL": "debug", "GOOGLE_APPLICATION_CREDENTIALS": "/secrets/gcp.json"}
+    fake_flyctl.add_app(APP, image=OLD_IMAGE, env=before)
+    fake_flyctl.run("secrets", "set", "API_KEYS=-", "--app", APP, input="key-one", check=True)
+    result = invoke("deploy", "--target", "fly", "--tag", "v3", **CONFIG, fly_url=broken)
+    assert result.returncode == 1
+    first, back = deploys(fake_flyctl)
+    assert [m["config"]["env"] for m in fake_flyctl.app(APP)["machines"]] == [before, before]
+    assert back[back.index("--file-secret") + 1] == "/secrets/gcp.json=GCP_SA_JSON_B64"  # the key file mounted again
+    assert "API_KEYS" in fake_flyctl.app(APP)["secrets"]
+
+
+@pytest.mark.slow
 def test_rollback_redeploys_the_previous_release_image(fake_flyctl, healthy):
     fake_flyctl.add_app(APP, image=OLD_IMAGE)
     assert invoke("deploy", "--target", "fly", "--tag", "v4", **CONFIG, fly_url=healthy).returncode == 0

@@ -4,6 +4,7 @@ loopback as the serving revision's and the candidate tag's URLs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -11,6 +12,7 @@ import yaml
 
 from tests.support import variants
 from tests.support.models import DEMO_MODEL
+from tests.support.server import run_service
 from tests.support.monitoring_stub import NO_TRAFFIC, RevisionFigures, monitoring_stub  # noqa: F401 (fixture)
 from tests.toolkit.deploy_helpers import invoke
 from tests.toolkit.test_deploy_cloudrun import CONFIG, IMAGE, SERVICE, serving
@@ -36,9 +38,14 @@ def project(gcloud_stub, monitoring_stub, healthy, tmp_path):
     return config, record, stable
 
 
-def release(config, *flags):
+def release(config, *flags, **more):
     return invoke("-f", config["release_record"], "release", "--target", "cloudrun", "--model", NEW_MODEL,
-                  "--skip-compare", *flags, **config)
+                  "--skip-compare", *flags, **{**config, **more})
+
+
+def journal(record) -> list[dict]:
+    """The releases `invoke release` journaled next to the invoke.yaml `record`."""
+    return json.loads(record.with_name(record.stem + ".releases.json").read_text())
 
 
 def candidate_of(stub, tag: str = TAG) -> str:
@@ -70,6 +77,12 @@ def test_release_reuses_the_serving_digest_moves_traffic_in_steps_and_records_th
     assert serving(gcloud_stub) == {candidate: 100}
 
     assert yaml.safe_load(record.read_text())["model"]["uri"] == NEW_MODEL
+    (entry,) = journal(record)
+    assert entry["stable"]["revision"] == stable and entry["stable"]["image"] == digest
+    assert [(e["state"], e["detail"]) for e in entry["events"]][3:] == [
+        ("step", f"step 1 of 3: 10% to {candidate}, 90% to {stable}"),
+        ("step", f"step 2 of 3: 50% to {candidate}, 50% to {stable}"),
+        ("step", f"step 3 of 3: 100% to {candidate}, 0% to {stable}"), ("promoted", f"{NEW_MODEL} serves all traffic")]
     assert "# what serves" in record.read_text() and record.read_text().startswith("# the project's settings")
 
     status = invoke("-f", str(record), "status", "--target", "cloudrun", "--json", **config)
@@ -90,6 +103,8 @@ def test_release_reuses_the_serving_digest_moves_traffic_in_steps_and_records_th
     assert back.returncode == 0, back.stdout + back.stderr
     assert serving(gcloud_stub) == {stable: 100}
     assert yaml.safe_load(record.read_text())["model"]["uri"] == OLD_MODEL
+    assert journal(record)[-1]["state"] == "rolled_back" and "`invoke rollback`" in journal(record)[-1]["events"][-1][
+        "detail"]
 
 
 @pytest.mark.slow
@@ -110,6 +125,8 @@ def test_a_failed_gate_sends_all_traffic_back_to_the_stable_revision(gcloud_stub
     assert line.startswith(f"release stopped, traffic 100% on {stable}: candidate {candidate_of(gcloud_stub)}")
     assert reason in line
     assert yaml.safe_load(record.read_text())["model"]["uri"] == OLD_MODEL  # nothing recorded
+    last = journal(record)[-1]
+    assert last["state"] == "rolled_back" and reason in last["events"][-1]["detail"]
 
 
 @pytest.mark.slow
@@ -123,6 +140,7 @@ def test_too_few_requests_hold_the_split_instead_of_promoting(gcloud_stub, monit
     assert serving(gcloud_stub) == {stable: 90, candidate: 10}
     line = result.stderr.strip().splitlines()[-1]  # the reason, in one line, after gcloud's progress
     assert f"release held at 10% to {candidate}" in line and "fewer than release.min_requests 100" in line
+    assert journal(record)[-1]["state"] == "held" and journal(record)[-1]["percent"] == 10
 
     # the same command again judges a new window and goes on from the held split, on the same revision
     monitoring_stub.default = RevisionFigures({"2xx": 400}, 100.0)
@@ -133,6 +151,9 @@ def test_too_few_requests_hold_the_split_instead_of_promoting(gcloud_stub, monit
     shares = [{t["revisionName"]: t["percent"] for t in s["spec"]["traffic"] if t.get("percent")}
               for s in gcloud_stub.sent_services(SERVICE)[2:]]
     assert shares == [{stable: 50, candidate: 50}, {candidate: 100}]
+    assert journal(record)[-1]["state"] == "promoted" and journal(record)[-1]["stable"]["revision"] == stable
+    assert [e["state"] for e in journal(record)[-1]["events"]][:3] == ["started", "resuming", "deployed"]
+    assert [e["state"] for e in journal(record)] == ["held", "promoted"]
 
 
 @pytest.mark.slow
@@ -145,6 +166,8 @@ def test_a_failed_smoke_test_leaves_traffic_where_it_was(gcloud_stub, monitoring
     assert serving(gcloud_stub) == {stable: 100}
     assert "smoke test of" in result.stderr and "the model failed to load" in result.stderr
     assert len(gcloud_stub.sent_services(SERVICE)) == 1 and monitoring_stub.queries == []
+    last = journal(record)[-1]
+    assert last["state"] == "rolled_back" and "the model failed to load" in last["events"][-1]["detail"]
 
 
 @pytest.mark.gcloud
@@ -201,21 +224,55 @@ def test_the_compare_gate_stops_a_breaking_candidate_before_any_change(gcloud_st
     assert gcloud_stub.sent_services(SERVICE) == [] and serving(gcloud_stub) == {stable: 100}
 
 
+SAMPLES = ('{"inputs": {"features": [[0.1, 0.2, 0.3, 0.4]]}}\n'
+           '{"inputs": {"features": [[1.0, -1.0, 0.5, 2.0], [0.0, 0.0, 0.0, 0.0]]}}\n')
+
+
 @pytest.mark.slow
 @pytest.mark.gcloud
 def test_a_compatible_candidate_passes_the_compare_and_its_answers_match_over_http(gcloud_stub, project, in_storage,
                                                                                    healthy, tmp_path):
     config, record, stable = project
-    model, tag = in_storage(variants.reexport(DEMO_MODEL, tmp_path / "reexport.onnx"))
-    gcloud_stub.state.urls[tag] = healthy
+    reexported = variants.reexport(DEMO_MODEL, tmp_path / "reexport.onnx")
+    model, tag = in_storage(reexported)
     samples = tmp_path / "samples.jsonl"
-    samples.write_text('{"inputs": {"features": [[0.1, 0.2, 0.3, 0.4]]}}\n'
-                       '{"inputs": {"features": [[1.0, -1.0, 0.5, 2.0], [0.0, 0.0, 0.0, 0.0]]}}\n')
-    result = invoke("-f", str(record), "release", "--target", "cloudrun", "--model", model, "--samples", str(samples),
-                    "--steps", "100", **config, release_max_abs_diff="0.000001", release_min_agreement="1")
+    samples.write_text(SAMPLES)
+    with run_service(str(reexported), tmp_path) as candidate_service:  # a second server, with the candidate's model
+        candidate_service.wait_state("ready")
+        gcloud_stub.state.urls[tag] = candidate_service.url
+        result = invoke("-f", str(record), "release", "--target", "cloudrun", "--model", model, "--samples",
+                        str(samples), "--steps", "100", **config, release_max_abs_diff="0.000001",
+                        release_min_agreement="1")
     assert result.returncode == 0, result.stdout + result.stderr
+    # the smoke test reached the candidate's own server (the re-exported file: other bytes, the same answers)
+    assert f"(sha256 {hashlib.sha256(reexported.read_bytes()).hexdigest()})" in result.stdout
     assert "answers on 2 samples, output logits: requests 2, shape_mismatches 0, kind float, max_abs_diff 0.0" in (
         result.stdout)
     candidate = candidate_of(gcloud_stub, tag)
     assert serving(gcloud_stub) == {candidate: 100}
     assert yaml.safe_load(record.read_text())["model"]["uri"] == model
+    assert journal(record)[-1]["state"] == "promoted"
+
+
+def test_a_candidate_whose_answers_differ_over_http_goes_back_before_any_traffic(gcloud_stub, project, in_storage,
+                                                                                 tmp_path):
+    """The compare passed on the model in storage, but the candidate revision serves something else (here a drifted
+    retrain behind the tag URL): the answers over HTTP catch it."""
+    config, record, stable = project
+    model, tag = in_storage(variants.reexport(DEMO_MODEL, tmp_path / "reexport.onnx"))
+    drifted = variants.perturbed(DEMO_MODEL, tmp_path / "drifted.onnx", scale=0.5)
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(SAMPLES)
+    with run_service(str(drifted), tmp_path) as candidate_service:
+        candidate_service.wait_state("ready")
+        gcloud_stub.state.urls[tag] = candidate_service.url
+        result = invoke("-f", str(record), "release", "--target", "cloudrun", "--model", model, "--samples",
+                        str(samples), **config, release_max_abs_diff="0.001")
+    assert result.returncode == 1
+    assert serving(gcloud_stub) == {stable: 100}
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"release stopped, traffic 100% on {stable}: answers on the samples: ")
+    assert "max_abs_diff" in line and "0.001" in line
+    last = journal(record)[-1]
+    assert last["state"] == "rolled_back" and "answers on the samples" in last["events"][-1]["detail"]
+    assert yaml.safe_load(record.read_text())["model"]["uri"] != model

@@ -11,7 +11,7 @@ from invoke import Config, Context, Exit
 
 from tests.support import fake_service
 from tests.support.monitoring_stub import NO_TRAFFIC, RevisionFigures, monitoring_stub  # noqa: F401
-from toolkit import monitoring, release
+from toolkit import monitoring, release_core as release, release_journal, smoke
 from toolkit.defaults import DEFAULTS
 from toolkit.monitoring import Figures
 
@@ -81,14 +81,14 @@ def test_the_record_keeps_every_other_line_of_invoke_yaml(tmp_path):
     path = tmp_path / "invoke.yaml"
     path.write_text("# settings\nmodel:\n  uri: models/demo.onnx   # the model\n  # pinned below\n"
                     "  sha256: \"\"\ngcp:\n  project: p\n")
-    release.write_model(path, "gs://b/v2.onnx#12", "ab" * 32)
+    release_journal.write_model(path, "gs://b/v2.onnx#12", "ab" * 32)
     text = path.read_text()
     assert yaml.safe_load(text) == {"model": {"uri": "gs://b/v2.onnx#12", "sha256": "ab" * 32},
                                     "gcp": {"project": "p"}}
     assert "# the model" in text and "# pinned below" in text and text.startswith("# settings")
     bare = tmp_path / "bare.yaml"
     bare.write_text("gcp:\n  project: p\n")
-    release.write_model(bare, "gs://b/v2.onnx#12", "")
+    release_journal.write_model(bare, "gs://b/v2.onnx#12", "")
     assert yaml.safe_load(bare.read_text())["model"] == {"uri": "gs://b/v2.onnx#12", "sha256": ""}
 
 
@@ -112,10 +112,10 @@ def test_figures_are_read_per_revision_from_cloud_monitoring(monitoring_stub):
 def test_status_reads_the_model_and_the_build_from_health(monkeypatch):
     monkeypatch.setitem(fake_service.HEALTH, "build", {"revision": "abc1234", "version": "1.2", "created": "x"})
     with fake_service.fake_service() as (url, _):
-        found = release.health_of(url)
+        found = release.health_of(url, smoke.Access())
     assert found == {"status": "ready", "uri": "gs://b/m.onnx", "generation": 1, "sha256": "ab" * 32,
                      "build": "abc1234"}
-    assert "did not answer" in release.health_of("http://127.0.0.1:9")["error"]
+    assert "did not answer" in release.health_of("http://127.0.0.1:9", smoke.Access())["error"]
 
 
 def test_the_status_table_has_one_row_per_revision(capsys):

@@ -184,3 +184,27 @@ def test_invoke_smoke_takes_the_key_from_the_flag_config_or_environment(keyed):
                    run(ONNX_SERVE_API_KEY=SERVICE_KEY)):  # fmt: skip
         assert passed.returncode == 0 and "PASS" in passed.stdout, passed.stdout + passed.stderr
         assert SERVICE_KEY not in passed.stdout + passed.stderr
+
+
+def test_every_task_reaches_the_service_the_same_way_from_the_settings(gcloud_stub, monkeypatch):
+    import copy
+
+    import pytest
+    from invoke import Config, Context, Exit
+
+    from toolkit.defaults import DEFAULTS
+
+    settings = copy.deepcopy(DEFAULTS)
+    settings["smoke"]["api_key"] = SERVICE_KEY
+    settings["run"] = {"in_stream": False}  # no stdin to mirror under pytest
+    c = Context(Config(overrides=settings))
+    assert smoke.access(c, "fly").headers == {"Authorization": f"Bearer {SERVICE_KEY}"}
+    c.config.cloudrun.public = True
+    assert smoke.access(c, "cloudrun") == smoke.Access("", SERVICE_KEY)
+    c.config.smoke.api_key = ""
+    monkeypatch.setenv(smoke.API_KEY_VARIABLE, "from-the-environment")
+    assert smoke.access(c, "cloudrun").api_key == "from-the-environment"
+    # a private service: an identity token from gcloud, which the stand-in's token-file account cannot mint
+    c.config.cloudrun.public = False
+    with pytest.raises(Exit, match="`gcloud auth print-identity-token` failed: run `gcloud auth login` first"):
+        smoke.access(c, "cloudrun")
