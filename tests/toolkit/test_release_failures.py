@@ -17,7 +17,8 @@ import yaml
 
 from tests.support.models import ROOT
 from tests.support.monitoring_stub import NO_TRAFFIC, RevisionFigures, monitoring_stub  # noqa: F401 (fixture)
-from tests.support.processes import stop, wait_for
+from tests.support.processes import stop
+from tests.support.waiting import wait_for
 from tests.toolkit.conftest import SERVICE_KEY
 from tests.toolkit.deploy_helpers import INVOKE, invoke
 from tests.toolkit.test_deploy_cloudrun import SERVICE, serving

@@ -14,10 +14,10 @@ import pytest
 import yaml
 
 from tests.support import variants
-from tests.support.models import DEMO_MODEL
-from tests.support.models import ROOT
+from tests.support.models import DEMO_MODEL, ROOT
 from tests.support.ports import free_port
-from tests.support.processes import stop, wait_for
+from tests.support.processes import stop
+from tests.support.waiting import wait_for
 from tests.toolkit.deploy_helpers import INVOKE, invoke
 from tests.toolkit.conftest import SERVICE_KEY
 from tests.toolkit.test_deploy_fly import APP, CONFIG, KEYLESS_ENV, OLD_IMAGE, deploys
