@@ -1,6 +1,8 @@
 """Defaults for every setting the tasks read: `invoke.yaml` beside tasks.py, then INVOKE_* variables, then
 flags override them (Invoke's own config tree; see docs/configuration.md)."""
 
+from pathlib import Path
+
 DEFAULTS = {
     "model": {
         # gs://bucket/path/model.onnx[#generation] or a local file; the bundled demo model by default.
@@ -117,3 +119,12 @@ DEFAULTS = {
         "prices": {},  # overrides of toolkit/prices.py, same keys (e.g. a negotiated vCPU-second price)
     },
 }
+
+
+def config_path(c) -> Path:
+    """The invoke.yaml Invoke read for this run: `invoke -f FILE`, else the project's (the file the tasks that
+    record something, `release` and `tune --write`, edit unless their own setting names another)."""
+    for loaded in (getattr(c.config, "_runtime_path", None), getattr(c.config, "_project_path", None)):
+        if loaded:
+            return Path(loaded)
+    return Path(getattr(c.config, "_project_prefix", None) or "./") / "invoke.yaml"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 from invoke import Exit, task
 
-from toolkit import cloudrun, fly, local, release, release_journal
+from toolkit import cloudrun, fly, local, release, release_journal, tune_write
 
 TARGETS = {
     "cloudrun": cloudrun,  # Google Cloud Run: revision with no traffic + tag, smoke test, then traffic
@@ -44,6 +46,8 @@ def deploy(c, target="local", tag="", dry_run=False, declarative=False, model_mo
                    "Fly's registry has no scanner: scan the image there with `invoke image.scan`, or set "
                    "deploy.require_scan to false for Fly deploys.")
     release_journal.warn_if_unreleased_model(c, target)
+    if hint := tune_write.sizing_hint(c, target):
+        print(hint, file=sys.stderr)
     if target == "cloudrun":
         module.deploy(c, tag=tag, dry_run=dry_run, declarative=declarative, model_mount=model_mount)
         return

@@ -24,6 +24,8 @@ from typing import Callable, Iterator
 from invoke import Context, Exit
 from invoke.exceptions import UnexpectedExit
 
+from toolkit.defaults import config_path
+
 # A release in one of these states needs nothing more; any other state (started, resuming, deploying, deployed, step,
 # held, failed, rollback_failed) is in flight, held, or was interrupted, and `invoke status` says how to finish it.
 FINAL_STATES = {"promoted", "rolled_back", "stopped"}
@@ -42,12 +44,7 @@ def _now() -> str:
 
 def config_file(c: Context) -> Path:
     """The invoke.yaml that holds model.uri: release.record, else the -f file, else the project's."""
-    if c.release.record:
-        return Path(c.release.record)
-    for loaded in (getattr(c.config, "_runtime_path", None), getattr(c.config, "_project_path", None)):
-        if loaded:  # the file Invoke read: `invoke -f FILE`, else the project's invoke.yaml (or .yml)
-            return Path(loaded)
-    return Path(getattr(c.config, "_project_prefix", None) or "./") / "invoke.yaml"
+    return Path(c.release.record) if c.release.record else config_path(c)
 
 
 def journal_file(c: Context) -> Path:

@@ -14,7 +14,8 @@ from typing import Any
 import yaml
 from invoke import Context, Exit
 
-ROOT = Path(__file__).resolve().parent.parent
+from toolkit.defaults import config_path
+
 MARK = "# invoke tune "  # the run's comment line starts so; a later run replaces it
 
 
@@ -32,15 +33,38 @@ def write(c: Context, document: dict) -> list[str]:
         raise Exit("tune --write: no shape met the objective, so nothing was written")
     settings, comment = choice["settings"], run_comment(document)
     if document["target"] == "cloudrun":
-        path = Path(c.tune.record) if c.tune.record else ROOT / "invoke.yaml"
+        path = record_path(c, "cloudrun")
         values = {"cpu": settings["cpu"], "memory": settings["memory"], "concurrency": settings["concurrency"]}
         _replace(path, set_yaml_keys(_read(path), "cloudrun", values, comment))
         return [f"{path}: " + ", ".join(f"cloudrun.{k}={v}" for k, v in values.items())]
-    path = Path(c.fly.config)
+    path = record_path(c, "fly")
     tables = {"http_service.concurrency": {"soft_limit": settings["soft_limit"], "hard_limit": settings["hard_limit"]},
               "[vm]": {"size": settings["size"], "memory": settings["memory"]}}  # fmt: skip
     _replace(path, set_toml_keys(_read(path), tables, comment))
     return [f"{path}: " + ", ".join(f"{t.strip('[]')}.{k}={v}" for t, keys in tables.items() for k, v in keys.items())]
+
+
+def record_path(c: Context, target: str) -> Path:
+    """The file `--write` edits for TARGET: tune.record, else the invoke.yaml Invoke read; or fly.config."""
+    if target == "cloudrun":
+        return Path(c.tune.record) if c.tune.record else config_path(c)
+    return Path(c.fly.config)
+
+
+def sizing_hint(c: Context, target: str) -> str:
+    """One line for a deploy whose instance settings no `invoke tune --write` measured; empty when one did."""
+    if target not in ("cloudrun", "fly"):
+        return ""
+    try:
+        measured = MARK.strip() in record_path(c, target).read_text()
+    except OSError:
+        measured = False
+    if measured:
+        return ""
+    what = ("cloudrun.cpu, .memory and .concurrency" if target == "cloudrun"
+            else "fly.toml's [[vm]] size and memory and its soft_limit/hard_limit")  # fmt: skip
+    return (f"note: {what} are defaults, not measured with this model: `invoke tune --target {target} --write` "
+            "measures each instance shape and sets them (docs/sizing.md)")
 
 
 def _read(path: Path) -> str:

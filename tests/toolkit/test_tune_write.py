@@ -74,3 +74,14 @@ def test_deploys_read_what_tune_wrote(tmp_path):
     spec = yaml.safe_load(manifest.read_text())["spec"]["template"]["spec"]
     assert spec["containerConcurrency"] == 12
     assert spec["containers"][0]["resources"]["limits"] == {"cpu": "2", "memory": "768Mi"}
+
+
+def test_a_deploy_names_tune_until_tune_wrote_the_settings(tmp_path):
+    """Sizing is the step before a first deploy: the deploy says so while the settings are the defaults."""
+    record = tmp_path / "invoke.yaml"
+    record.write_text((ROOT / "invoke.yaml").read_text())
+    before = run_invoke("-f", str(record), "deploy", "--target", "cloudrun", "--dry-run")
+    assert "`invoke tune --target cloudrun --write`" in before.stderr, before.stderr
+    record.write_text(tune_write.set_yaml_keys(record.read_text(), "cloudrun", CLOUDRUN, tune_write.MARK + "RUN"))
+    after = run_invoke("-f", str(record), "deploy", "--target", "cloudrun", "--dry-run")
+    assert "invoke tune" not in after.stderr, after.stderr
