@@ -144,6 +144,27 @@ class Scheduler:
         """Count a run of one request made outside a batch (`run_now`, `_run_alone`), on the event loop."""
         self._count(_rows(feeds) or 1, 1, seconds)
 
+    def run_now_if_alone(self, feeds: Feeds) -> list[Any] | None:
+        """`submit` without an await for a request alone in the worker (the server says so), when `_lead` would
+        run it on the loop at once: batching on without a delay, nothing running or queued, a cheap run. No
+        future, no task, no loop turn. None: the request goes through `submit`."""
+        policy = self.policy
+        if self.busy or not policy.enabled or policy.delay or self.queue or self.in_flight is None:
+            return None
+        others = self.in_flight()
+        if others is None or others > 1:
+            return None
+        rows = _rows(feeds)
+        if rows is None or not self._cheap(_elements(feeds)):
+            return None
+        started = time.perf_counter()
+        try:
+            return self.runner(feeds)
+        except Exception as exc:
+            raise ModelRejected(exc) from None
+        finally:
+            self._count(rows, 1, time.perf_counter() - started)
+
     async def submit(self, feeds: Feeds) -> list[Any]:
         """The model's outputs for `feeds`, run alone or as part of a batch; raises ModelRejected."""
         loop = asyncio.get_running_loop()
