@@ -154,21 +154,35 @@ class InferenceApp:
         self.keys = keys  # API_KEYS: checked before any route, logged like any answer
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if self.keys is not None and scope["type"] == "http":
+        if scope["type"] != "http":
+            return await self.logged(scope, receive, send)
+        route: Any = None
+        if self.keys is not None:
             refusal = self.keys.refusal(scope)
             if refusal is not None:
-                return await self.logged.direct(Answer(*refusal), scope, receive, send)
-        if scope["type"] == "http" and scope["method"] == "POST":
+                route = Answer(*refusal)
+        if route is None and scope["method"] == "POST":
             path = scope["path"]
             if path == "/predict":
-                return await self.logged.direct(self.predict, scope, receive, send)
-            if path.startswith("/v2/models/") and path.endswith("/infer"):
-                return await self.logged.direct(self.infer, scope, receive, send)
-        await self.logged(scope, receive, send)
+                route = self.predict
+            elif path.startswith("/v2/models/") and path.endswith("/infer"):
+                route = self.infer
+        if route is None:
+            return await self.logged(scope, receive, send)
+        # The hot path: the route reports its status and size for the access log (AccessLog.finish), no coroutine
+        # in between.
+        headers = dict(scope["headers"])
+        token = _trace(headers)
+        started = time.perf_counter()
+        status = size = 0
+        try:
+            status, size = await route.handle(scope, receive, send, headers)
+        finally:
+            self.logged.finish(scope, headers, status or 500, size, started, token)
 
 
 class Answer:
-    """A fixed answer (the API key check's 401) in the form `AccessLog.direct` serves."""
+    """A fixed answer (the API key check's 401) in the form of an inference route (`handle`)."""
 
     def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes):
         self.status, self.headers, self.body = status, headers, body
@@ -376,7 +390,7 @@ class AccessLog:
     and the request's route, status and latency for the metrics.
 
     Every route but the inference ones goes through `__call__`, which watches the answer go out; the inference
-    routes, the hot path, go through `direct` and report their status and size themselves.
+    routes, the hot path, report their status and size themselves to `finish` (InferenceApp).
     """
 
     def __init__(self, app: Any, mode: str = "all", metrics: Recorder | None = None):
@@ -405,16 +419,6 @@ class AccessLog:
             await self.app(scope, receive, record if self.enabled or self.metrics else send)
         finally:
             self.finish(scope, headers, response[0], response[1], started, token)
-
-    async def direct(self, endpoint: Endpoint, scope: dict, receive: Any, send: Any) -> None:
-        headers = dict(scope["headers"])
-        token = _trace(headers)
-        started = time.perf_counter()
-        status = size = 0
-        try:
-            status, size = await endpoint.handle(scope, receive, send, headers)
-        finally:
-            self.finish(scope, headers, status or 500, size, started, token)
 
     def finish(self, scope: dict, headers: dict, status: int, size: int, started: float, token: Any) -> None:
         path = scope["path"]

@@ -373,7 +373,10 @@ def _elements(feeds: Feeds) -> int:
 
 def _key(feeds: Feeds) -> tuple:
     """Requests batch together only when every input agrees on dtype and on every dimension but the first."""
-    return tuple((name, value.dtype.str, value.shape[1:]) for name, value in feeds.items())
+    key = []
+    for name, value in feeds.items():
+        key.append((name, value.dtype, value.shape[1:]))  # dtypes compare by kind, size and byte order
+    return tuple(key)
 
 
 # --- whether batching is safe for a model ------------------------------------------------------------------------
