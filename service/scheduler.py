@@ -56,6 +56,17 @@ class BatchPolicy:
     fixed_seconds: float | None = None
     per_element_seconds: float | None = None
 
+    def __post_init__(self) -> None:
+        # Runs of fewer input elements than this are estimated under INLINE_RUN_SECONDS: worked out once, not per
+        # request (see `estimate`).
+        if self.fixed_seconds is None or self.per_element_seconds is None or self.fixed_seconds >= INLINE_RUN_SECONDS:
+            limit = 0.0
+        elif self.per_element_seconds <= 0:
+            limit = float("inf")
+        else:
+            limit = (INLINE_RUN_SECONDS - self.fixed_seconds) / self.per_element_seconds
+        object.__setattr__(self, "inline_elements", limit)
+
     def estimate(self, elements: int) -> float | None:
         if self.fixed_seconds is None or self.per_element_seconds is None:
             return None
@@ -154,8 +165,13 @@ class Scheduler:
         others = self.in_flight()
         if others is None or others > 1:
             return None
-        rows = _rows(feeds)
-        if rows is None or not self._cheap(_elements(feeds)):
+        rows, elements = None, 0  # _rows and _elements in one pass
+        for value in feeds.values():
+            if value.ndim == 0 or (rows is not None and value.shape[0] != rows):
+                return None
+            rows = value.shape[0]
+            elements += value.size
+        if not rows or elements >= policy.inline_elements:  # type: ignore[attr-defined]
             return None
         started = time.perf_counter()
         try:
@@ -261,8 +277,7 @@ class Scheduler:
     def _cheap(self, elements: int) -> bool:
         """Whether a run of this many input elements is estimated cheaper than a hop to the pool, so it runs on
         the event loop."""
-        estimate = self.policy.estimate(elements)
-        return estimate is not None and estimate < INLINE_RUN_SECONDS
+        return elements < self.policy.inline_elements  # type: ignore[attr-defined]
 
     def _take(self, first: _Pending | None = None) -> list[_Pending]:
         """Queued requests for the next batch: `first` (default: the oldest queued) and every queued request of
