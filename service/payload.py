@@ -265,8 +265,9 @@ def _beyond_numpy(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
     raise BadRequest(f"input {spec.name!r} holds {' and '.join(other)}; expected {_expected(spec)}")
 
 
-# Under this, two plain searches cost less than the hops, which pay per key that holds a u or an a.
-_SHORT_BODY = 4096
+# Under this, two plain searches cost less than the hops, which pay per key that holds a u or an a (0.2 against
+# 1.1 µs for a 56-byte body; 2.3 against 1.1 µs at 1.9 KB).
+_SHORT_BODY = 1024
 
 
 def _mentions_booleans(body: bytes) -> bool:
