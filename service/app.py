@@ -154,21 +154,35 @@ class InferenceApp:
         self.keys = keys  # API_KEYS: checked before any route, logged like any answer
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if self.keys is not None and scope["type"] == "http":
+        if scope["type"] != "http":
+            return await self.logged(scope, receive, send)
+        route: Any = None
+        if self.keys is not None:
             refusal = self.keys.refusal(scope)
             if refusal is not None:
-                return await self.logged.direct(Answer(*refusal), scope, receive, send)
-        if scope["type"] == "http" and scope["method"] == "POST":
+                route = Answer(*refusal)
+        if route is None and scope["method"] == "POST":
             path = scope["path"]
             if path == "/predict":
-                return await self.logged.direct(self.predict, scope, receive, send)
-            if path.startswith("/v2/models/") and path.endswith("/infer"):
-                return await self.logged.direct(self.infer, scope, receive, send)
-        await self.logged(scope, receive, send)
+                route = self.predict
+            elif path.startswith("/v2/models/") and path.endswith("/infer"):
+                route = self.infer
+        if route is None:
+            return await self.logged(scope, receive, send)
+        # The hot path: the route reports its status and size for the access log (AccessLog.finish), no coroutine
+        # in between.
+        headers = dict(scope["headers"])
+        token = _trace(headers)
+        started = time.perf_counter()
+        status = size = 0
+        try:
+            status, size = await route.handle(scope, receive, send, headers)
+        finally:
+            self.logged.finish(scope, headers, status or 500, size, started, token)
 
 
 class Answer:
-    """A fixed answer (the API key check's 401) in the form `AccessLog.direct` serves."""
+    """A fixed answer (the API key check's 401) in the form of an inference route (`handle`)."""
 
     def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes):
         self.status, self.headers, self.body = status, headers, body
@@ -182,12 +196,13 @@ class NativeProtocol:
 
     def __init__(self, store: ModelStore):
         self.store = store
+        self.shared_dims = store.settings.check_shared_dims
 
     def route_error(self, scope: dict) -> tuple[int, str] | None:
         return None
 
     def decode(self, body: bytes, headers: dict[bytes, bytes]) -> tuple[dict, Any]:
-        return decode_inputs(body, self.store.inputs, shared_dims=self.store.settings.check_shared_dims), None
+        return decode_inputs(body, self.store.inputs, shared_dims=self.shared_dims), None
 
     def encode(self, request: Any, values: list) -> tuple[bytes, list[tuple[bytes, bytes]]]:
         return encode_outputs(self.store.outputs, values), [JSON_CONTENT]
@@ -226,27 +241,7 @@ class Endpoint:
             status, message = refused
             extra = [(b"retry-after", RETRY_AFTER_SECONDS.encode())] if status == 503 else []
             return await _send(send, *protocol.error(message, status), [JSON_CONTENT, *extra])
-        held = [0]  # bytes of the memory budget this request holds (service/memory.py)
-        try:
-            return await self._answer(scope, receive, send, headers, held)
-        except OverBudget as exc:
-            return await self._refuse(exc, send)
-        finally:
-            if held[0]:
-                self.budget.release(held[0])
-
-    async def _refuse(self, exc: OverBudget, send: Any) -> tuple[int, int]:
-        """Answer a request the memory budget refused: 503 with Retry-After, or 413. Its body, unread, is read and
-        dropped by the HTTP protocol after the answer (service/worker.py), never left to reset the connection."""
-        if self.metrics is not None:
-            self.metrics.memory_refused(exc.status)
-        extra = [(b"retry-after", b"1")] if exc.status == 503 else []
-        return await _send(send, *self.protocol.error(str(exc), exc.status), [JSON_CONTENT, *extra])
-
-    async def _answer(
-        self, scope: dict, receive: Any, send: Any, headers: dict[bytes, bytes], held: list[int]
-    ) -> tuple[int, int]:
-        protocol = self.protocol
+        held = 0  # bytes of the memory budget this request holds (service/memory.py)
         try:
             declared = headers.get(b"content-length")
             length = int(declared) if declared is not None and declared.isdigit() else None
@@ -256,10 +251,16 @@ class Endpoint:
                                      "(MAX_BODY_BYTES)", 413)  # fmt: skip
                 cost = request_cost(length)
                 taken = self.budget.take_now(cost)  # before a byte of the body is read; no await when it fits
-                held[0] = taken if taken is not None else await self.budget.admit(cost)
-            body = await read_body(receive, self.max_body_bytes)
+                held = taken if taken is not None else await self.budget.admit(cost)
+            message = await receive()  # the whole body in one message: every body the server has whole
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body = message.get("body", b"")
+                if len(body) > self.max_body_bytes:
+                    raise BadRequest(f"request body is over the {self.max_body_bytes}-byte limit (MAX_BODY_BYTES)", 413)
+            else:
+                body = await read_body(receive, self.max_body_bytes, message)
             if length is None:
-                held[0] = await self.budget.admit(request_cost(len(body)))  # chunked: by the bytes read
+                held = await self.budget.admit(request_cost(len(body)))  # chunked: by the bytes read
             if len(body) > INLINE_BODY_BYTES:
                 # The request's trace id rides along to log lines written in the pool.
                 loop = asyncio.get_running_loop()
@@ -273,7 +274,10 @@ class Endpoint:
             else:
                 feeds, request = protocol.decode(body, headers)
             try:
-                values = await self.scheduler.submit(feeds)
+                # A request alone in the worker runs here and now; any other goes through the batching.
+                values = self.scheduler.run_now_if_alone(feeds)
+                if values is None:
+                    values = await self.scheduler.submit(feeds)
             except ModelRejected as exc:  # onnxruntime's own checks: dimensions that must agree, value ranges, ...
                 raise rejected_by_model(exc.cause, self.store.inputs, feeds) from None
             if _output_bytes(values) > INLINE_OUTPUT_BYTES:
@@ -286,8 +290,23 @@ class Endpoint:
             return await _send(send, *protocol.error(str(exc), exc.status), [JSON_CONTENT])
         except ClientDisconnect:
             return 499, 0  # the client went away mid-body: no one to answer, nothing to log but the access line
-        return await _send(send, 200, payload, headers_out)
+        except OverBudget as exc:
+            return await self._refuse(exc, send)
+        finally:
+            if held:
+                self.budget.release(held)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(payload)).encode()), *headers_out]})  # fmt: skip
+        await send({"type": "http.response.body", "body": payload})
+        return 200, len(payload)
 
+    async def _refuse(self, exc: OverBudget, send: Any) -> tuple[int, int]:
+        """Answer a request the memory budget refused: 503 with Retry-After, or 413. Its body, unread, is read and
+        dropped by the HTTP protocol after the answer (service/worker.py), never left to reset the connection."""
+        if self.metrics is not None:
+            self.metrics.memory_refused(exc.status)
+        extra = [(b"retry-after", b"1")] if exc.status == 503 else []
+        return await _send(send, *self.protocol.error(str(exc), exc.status), [JSON_CONTENT, *extra])
 
     def _large(self, body: bytes, headers: dict[bytes, bytes]) -> tuple[tuple[dict, Any] | None, Any]:
         """In the pool: decode a large body; a request too big to share a batch is run and encoded here too, in
@@ -324,9 +343,11 @@ def not_ready(store: ModelStore) -> JSONResponse | None:
     return JSONResponse({"detail": reason}, status_code=503, headers={"Retry-After": RETRY_AFTER_SECONDS})
 
 
-async def read_body(receive: Any, limit: int) -> bytes:
-    """The request's body, up to `limit` bytes (413 beyond); ClientDisconnect if the client goes away."""
-    message = await receive()
+async def read_body(receive: Any, limit: int, message: dict | None = None) -> bytes:
+    """The request's body, up to `limit` bytes (413 beyond); ClientDisconnect if the client goes away.
+    `message`: the first one, when the caller received it already."""
+    if message is None:
+        message = await receive()
     if message["type"] == "http.disconnect":
         raise ClientDisconnect()
     body = message.get("body", b"")
@@ -369,7 +390,7 @@ class AccessLog:
     and the request's route, status and latency for the metrics.
 
     Every route but the inference ones goes through `__call__`, which watches the answer go out; the inference
-    routes, the hot path, go through `direct` and report their status and size themselves.
+    routes, the hot path, report their status and size themselves to `finish` (InferenceApp).
     """
 
     def __init__(self, app: Any, mode: str = "all", metrics: Recorder | None = None):
@@ -398,16 +419,6 @@ class AccessLog:
             await self.app(scope, receive, record if self.enabled or self.metrics else send)
         finally:
             self.finish(scope, headers, response[0], response[1], started, token)
-
-    async def direct(self, endpoint: Endpoint, scope: dict, receive: Any, send: Any) -> None:
-        headers = dict(scope["headers"])
-        token = _trace(headers)
-        started = time.perf_counter()
-        status = size = 0
-        try:
-            status, size = await endpoint.handle(scope, receive, send, headers)
-        finally:
-            self.finish(scope, headers, status or 500, size, started, token)
 
     def finish(self, scope: dict, headers: dict, status: int, size: int, started: float, token: Any) -> None:
         path = scope["path"]

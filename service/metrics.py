@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -148,7 +149,11 @@ class Recorder:
         self.flush_seconds = flush_seconds
         self.families = metric_families or families()
         self.route_name = RouteNames(routes)
-        self.requests: list[tuple[str, int, float]] = []  # (path, status, seconds) since the last flush
+        # Each request's path, status and seconds since the last flush, in three columns: flush counts and groups
+        # them in C (Counter, zip), not one request at a time.
+        self.paths: list[str] = []
+        self.statuses: list[int] = []
+        self.seconds: list[float] = []
         self.runs: list[tuple[int, int, float]] = []  # (rows, requests, seconds) of each model run since then
         self.depth: int | None = None  # the queue depth not yet written
         self.budget: Any = None  # the memory budget (service/memory.py) whose state each flush writes
@@ -167,7 +172,9 @@ class Recorder:
         store.after_load.append(("recording metrics", lambda: self.model_loaded(model_name, store.status)))
 
     def request(self, path: str, status: int, seconds: float) -> None:
-        self.requests.append((path, status, seconds))
+        self.paths.append(path)
+        self.statuses.append(status)
+        self.seconds.append(seconds)
         if not self.flush_armed:
             self._arm()
 
@@ -199,15 +206,21 @@ class Recorder:
     def flush(self) -> None:
         """Write what was recorded since the last flush to this process's multiprocess files."""
         self.flush_armed = False
-        requests, self.requests = self.requests, []
+        paths, statuses, durations = self.paths, self.statuses, self.seconds
+        self.paths, self.statuses, self.seconds = [], [], []
         runs, self.runs = self.runs, []
         depth, self.depth = self.depth, None
-        by_route: dict[str, list[float]] = {}
+        routes = {path: self.route_name(path) for path in set(paths)}
         counts: dict[tuple[str, int], int] = {}
-        for path, status, seconds in requests:
-            route = self.route_name(path)
-            by_route.setdefault(route, []).append(seconds)
-            counts[route, status] = counts.get((route, status), 0) + 1
+        for (path, status), count in Counter(zip(paths, statuses)).items():
+            key = (routes[path], status)
+            counts[key] = counts.get(key, 0) + count
+        by_route: dict[str, list[float]] = {}
+        if len(routes) == 1:  # the usual flush: every request on one route
+            by_route[next(iter(routes.values()))] = durations
+        else:
+            for path, seconds in zip(paths, durations):
+                by_route.setdefault(routes[path], []).append(seconds)
         for key, count in counts.items():
             child = self.request_children.get(key)
             if child is None:

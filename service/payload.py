@@ -48,7 +48,7 @@ def decode_inputs(body: bytes, specs: Sequence[TensorSpec], *, shared_dims: bool
         inputs = {specs[0].name: inputs}
     if not isinstance(inputs, dict):
         raise BadRequest(f"\"inputs\" must be an object mapping input names {_names(specs)} to nested lists")
-    if len(inputs) != len(specs) or any(spec.name not in inputs for spec in specs):
+    if len(inputs) != len(specs) or not _all_named(inputs, specs):
         names = _names(specs)
         unknown = sorted(set(inputs) - set(names))
         if unknown:
@@ -62,6 +62,13 @@ def decode_inputs(body: bytes, specs: Sequence[TensorSpec], *, shared_dims: bool
     return tensors
 
 
+def _all_named(inputs: dict, specs: Sequence[TensorSpec]) -> bool:
+    for spec in specs:
+        if spec.name not in inputs:
+            return False
+    return True
+
+
 def _names(specs: Sequence[TensorSpec]) -> list[str]:
     return [spec.name for spec in specs]
 
@@ -69,7 +76,12 @@ def _names(specs: Sequence[TensorSpec]) -> list[str]:
 def to_tensor(value: Any, spec: TensorSpec, *, may_hold_booleans: bool = True) -> np.ndarray:
     """JSON values to the input's tensor, every value and the shape checked."""
     array = json_to_array(value, spec, may_hold_booleans=may_hold_booleans)
-    check_shape(array, spec)
+    if array.ndim != len(spec.shape):
+        check_shape(array, spec)  # raises, naming the rank
+    shape = array.shape
+    for axis, size in spec.fixed:
+        if shape[axis] != size:
+            check_shape(array, spec)  # raises, naming the dimension
     return array
 
 
@@ -85,13 +97,18 @@ def json_to_array(value: Any, spec: TensorSpec, *, may_hold_booleans: bool = Tru
     target = spec.dtype
     if target is None:
         raise BadRequest(f"input {spec.name!r} has type {spec.ort_type}, which the service cannot accept")
-    if target.kind == "O":
+    wanted = target.kind
+    if wanted == "O":
         return _strings(value, spec)
     try:
         array = np.asarray(value)
     except ValueError:
         raise _uneven(spec) from None
     kind = array.dtype.kind
+    if kind == "f" and wanted == "f":  # the usual request: numbers for a float input, checked as below, sooner
+        if may_hold_booleans and _holds_booleans(value):
+            raise BadRequest(f"input {spec.name!r} holds booleans (true/false); expected {_expected(spec)}")
+        return _to_float(array, spec, target)
     if kind == "O":
         array, kind = _beyond_numpy(array, spec), "f"
     if kind not in _HOLDS:
@@ -113,11 +130,16 @@ def json_to_array(value: Any, spec: TensorSpec, *, may_hold_booleans: bool = Tru
             if low < info.min or high > info.max:
                 raise _out_of_range(spec, info.min, info.max, low if low < info.min else high)
         return array.astype(target, copy=False)
+    return _to_float(array, spec, target)
+
+
+def _to_float(array: np.ndarray, spec: TensorSpec, target: np.dtype) -> np.ndarray:
+    """Numbers as the input's float dtype, refused if one would round to infinity in a narrower float: checked
+    before the cast, which is cheaper than casting under np.errstate and looking for inf after it. The sum of
+    squares (one pass, no temporary) under limit² clears every value at once; only above it are they looked at."""
     if target.itemsize < array.dtype.itemsize and array.size:
-        # A value that would round to infinity in the narrower float: checked before the cast, which is cheaper
-        # than casting under np.errstate and looking for inf after it.
         limit = _ROUNDS_TO_INF[target.itemsize]
-        if max(array.max(), -array.min()) >= limit:
+        if not np.vdot(array, array) < limit * limit and max(array.max(), -array.min()) >= limit:
             info = np.finfo(target)
             raise _out_of_range(spec, float(info.min), float(info.max), array[np.abs(array) >= limit].flat[0])
     return array.astype(target, copy=False)
@@ -243,10 +265,17 @@ def _beyond_numpy(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
     raise BadRequest(f"input {spec.name!r} holds {' and '.join(other)}; expected {_expected(spec)}")
 
 
+# Under this, two plain searches cost less than the hops, which pay per key that holds a u or an a (0.2 against
+# 1.1 µs for a 56-byte body; 2.3 against 1.1 µs at 1.9 KB).
+_SHORT_BODY = 1024
+
+
 def _mentions_booleans(body: bytes) -> bool:
     """Whether the JSON text has a true or false anywhere: without, no value can be a boolean. Hopping between
     the u's (of true) and the a's (of false), letters no number has, with memchr costs ~0.01 ms for 10,000 rows,
     70 times less than `b"true" in body`, and a tenth of a microsecond for each key that holds one."""
+    if len(body) < _SHORT_BODY:
+        return body.find(b"true") != -1 or body.find(b"false") != -1
     for word, letter_at in ((b"true", 2), (b"false", 1)):
         letter = word[letter_at : letter_at + 1]
         at = body.find(letter, letter_at)

@@ -56,6 +56,17 @@ class BatchPolicy:
     fixed_seconds: float | None = None
     per_element_seconds: float | None = None
 
+    def __post_init__(self) -> None:
+        # Runs of fewer input elements than this are estimated under INLINE_RUN_SECONDS: worked out once, not per
+        # request (see `estimate`).
+        if self.fixed_seconds is None or self.per_element_seconds is None or self.fixed_seconds >= INLINE_RUN_SECONDS:
+            limit = 0.0
+        elif self.per_element_seconds <= 0:
+            limit = float("inf")
+        else:
+            limit = (INLINE_RUN_SECONDS - self.fixed_seconds) / self.per_element_seconds
+        object.__setattr__(self, "inline_elements", limit)
+
     def estimate(self, elements: int) -> float | None:
         if self.fixed_seconds is None or self.per_element_seconds is None:
             return None
@@ -143,6 +154,32 @@ class Scheduler:
     def record(self, feeds: Feeds, seconds: float) -> None:
         """Count a run of one request made outside a batch (`run_now`, `_run_alone`), on the event loop."""
         self._count(_rows(feeds) or 1, 1, seconds)
+
+    def run_now_if_alone(self, feeds: Feeds) -> list[Any] | None:
+        """`submit` without an await for a request alone in the worker (the server says so), when `_lead` would
+        run it on the loop at once: batching on without a delay, nothing running or queued, a cheap run. No
+        future, no task, no loop turn. None: the request goes through `submit`."""
+        policy = self.policy
+        if self.busy or not policy.enabled or policy.delay or self.queue or self.in_flight is None:
+            return None
+        others = self.in_flight()
+        if others is None or others > 1:
+            return None
+        rows, elements = None, 0  # _rows and _elements in one pass
+        for value in feeds.values():
+            if value.ndim == 0 or (rows is not None and value.shape[0] != rows):
+                return None
+            rows = value.shape[0]
+            elements += value.size
+        if not rows or elements >= policy.inline_elements:  # type: ignore[attr-defined]
+            return None
+        started = time.perf_counter()
+        try:
+            return self.runner(feeds)
+        except Exception as exc:
+            raise ModelRejected(exc) from None
+        finally:
+            self._count(rows, 1, time.perf_counter() - started)
 
     async def submit(self, feeds: Feeds) -> list[Any]:
         """The model's outputs for `feeds`, run alone or as part of a batch; raises ModelRejected."""
@@ -240,8 +277,7 @@ class Scheduler:
     def _cheap(self, elements: int) -> bool:
         """Whether a run of this many input elements is estimated cheaper than a hop to the pool, so it runs on
         the event loop."""
-        estimate = self.policy.estimate(elements)
-        return estimate is not None and estimate < INLINE_RUN_SECONDS
+        return elements < self.policy.inline_elements  # type: ignore[attr-defined]
 
     def _take(self, first: _Pending | None = None) -> list[_Pending]:
         """Queued requests for the next batch: `first` (default: the oldest queued) and every queued request of
@@ -352,7 +388,10 @@ def _elements(feeds: Feeds) -> int:
 
 def _key(feeds: Feeds) -> tuple:
     """Requests batch together only when every input agrees on dtype and on every dimension but the first."""
-    return tuple((name, value.dtype.str, value.shape[1:]) for name, value in feeds.items())
+    key = []
+    for name, value in feeds.items():
+        key.append((name, value.dtype, value.shape[1:]))  # dtypes compare by kind, size and byte order
+    return tuple(key)
 
 
 # --- whether batching is safe for a model ------------------------------------------------------------------------

@@ -34,6 +34,8 @@ class TensorSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "_hash", hash((self.name, self.ort_type, self.shape)))
         object.__setattr__(self, "_dtype", ORT_DTYPES.get(self.ort_type))
+        # The fixed dimensions as (axis, size): what a request's shape is checked against.
+        object.__setattr__(self, "fixed", tuple((axis, d) for axis, d in enumerate(self.shape) if isinstance(d, int)))
 
     def __hash__(self) -> int:
         return self._hash  # type: ignore[attr-defined]

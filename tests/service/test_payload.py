@@ -18,6 +18,9 @@ def spec(ort_type: str, shape=("N",), name: str = "x") -> TensorSpec:
         ("float", [1, 2.5, -3e38], np.float32),
         ("double", [1e300], np.float64),
         ("float16", [65504.0, -1], np.float16),
+        # Each fits though their squares add up past the float's limit squared: looked at one by one, kept.
+        ("float", [3e38, -3e38, 1.5], np.float32),
+        ("float16", [60000.0, 60000.0, 0.5], np.float16),
         ("int64", [2**63 - 1, -(2**63), 7.0], np.int64),
         ("uint64", [2**64 - 1, 0], np.uint64),
         ("int8", [-128, 127], np.int8),
@@ -62,6 +65,15 @@ def test_values_the_input_cannot_take_are_refused_naming_what_was_wrong(ort_type
 def test_a_caller_that_knows_there_are_no_booleans_skips_the_search():
     # The codec of /predict passes False when the body has no true/false; numpy then reads a boolean as a number.
     assert json_to_array([1.0, True], spec("float"), may_hold_booleans=False).tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("rows", [1, 100])  # a short body is searched for true/false, a long one hopped through
+def test_a_boolean_among_the_numbers_of_a_predict_body_is_refused(rows):
+    numbers = [[0.5, -1.0]] * rows
+    body = orjson.dumps({"inputs": {"x": [*numbers, [1.0, True]]}})
+    with pytest.raises(BadRequest, match="'x' holds booleans"):
+        decode_inputs(body, [spec("float", ("N", 2))])
+    assert decode_inputs(orjson.dumps({"inputs": {"x": numbers}}), [spec("float", ("N", 2))])["x"].shape == (rows, 2)
 
 
 def test_rank_0_and_free_dimensions():
