@@ -82,7 +82,7 @@ class AccessLines:
     """Access-log lines in the same JSON form as every other line, written without the logging machinery.
 
     A line per request through a Logger, a handler lock, a formatter and one write per line cost the service
-    more than a small model's inference (README, "Benchmarks"). Here each line is one orjson call, and the lines
+    more than a small model's inference (docs/benchmarks.md). Here each line is one orjson call, and the lines
     of one turn of the event loop go out in one write at the end of that turn.
     """
 
