@@ -140,8 +140,9 @@ class InferenceApp:
     /predict and the V2 infer routes) straight to their handler and everything else (/health, /metadata, the V2
     metadata routes, errors, the lifespan) to FastAPI.
 
-    FastAPI's middleware and routing cost more per request than a small model's whole inference (docs/benchmarks.md,
-    "The request path against its floor"), and the inference routes, which validate their own input, need none of them.
+    FastAPI's middleware and routing cost more per request than a small model's whole inference
+    (docs/benchmarks.md, "The request path against its floor"), and the inference routes, which validate their own
+    input, need none of them.
     """
 
     def __init__(
