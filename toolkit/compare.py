@@ -382,6 +382,18 @@ def seeded_requests(baseline: LoadedModel, candidate: LoadedModel, count: int, s
     return requests
 
 
+def first_refused(model: LoadedModel, bodies: list[dict]) -> tuple[int, Exception] | None:
+    """The first body (numbered from 1) the model refuses, with the service's reason; None when it takes them all."""
+    from service.payload import BadRequest
+
+    for number, body in enumerate(bodies, 1):
+        try:
+            model.predict(body)
+        except BadRequest as exc:
+            return number, exc
+    return None
+
+
 def run_requests(models: dict[str, LoadedModel], requests: list[dict]) -> tuple[dict[str, list], dict[str, list]]:
     """Every request on each model: answers (None where refused) and the reasons of the refusals, by role."""
     from service.payload import BadRequest

@@ -287,18 +287,14 @@ def served_ratio(candidate: Candidate, original_batched: bool) -> float | None:
 
 def read_bodies(path: str, what: str, model: LoadedModel) -> list[dict]:
     """A JSONL file of /predict bodies the model takes; OptimizeError naming the first line it refuses."""
-    from service.payload import BadRequest
-
     try:
         bodies = compare.read_samples(path)
     except CompareError as exc:
         raise OptimizeError(f"{what}: {exc}") from None
-    for number, body in enumerate(bodies, 1):
-        try:
-            model.predict(body)
-        except BadRequest as exc:
-            raise OptimizeError(f"{what} {path} request {number}: the model refuses it ({exc}); give /predict "
-                                "bodies this model answers") from None  # fmt: skip
+    if refused := compare.first_refused(model, bodies):
+        number, exc = refused
+        raise OptimizeError(f"{what} {path} request {number}: the model refuses it ({exc}); give /predict "
+                            "bodies this model answers")  # fmt: skip
     return bodies
 
 

@@ -120,8 +120,6 @@ class Model:
 def prepare_model(uri: str, sha256: str, samples: str, cache_dir: Path) -> Model:
     """Fetch and load the model as the service does (a model it would refuse fails here, before any container), and
     check the request bodies on it: the user's samples, or the seeded ones `model.compare` makes."""
-    from service.payload import BadRequest
-
     local = Path(uri) if not uri.startswith("gs://") else None
     if local is not None and not local.is_absolute() and not local.is_file():
         local = ROOT / uri
@@ -131,12 +129,10 @@ def prepare_model(uri: str, sha256: str, samples: str, cache_dir: Path) -> Model
             loaded, loaded, compare.SEEDED_REQUESTS, compare.SEED)
     except compare.CompareError as exc:
         raise TuneError(f"{exc}; fix the model (check it with `invoke model.compare`) or give another --model") from None
-    for number, body in enumerate(bodies, 1):
-        try:
-            loaded.predict(body)
-        except BadRequest as exc:
-            raise TuneError(f"the model refuses request {number} of {samples or 'the seeded requests'}: {exc}; give "
-                            "--samples with /predict bodies this model takes (its /metadata lists the inputs)") from None
+    if refused := compare.first_refused(loaded, bodies):
+        number, exc = refused
+        raise TuneError(f"the model refuses request {number} of {samples or 'the seeded requests'}: {exc}; give "
+                        "--samples with /predict bodies this model takes (its /metadata lists the inputs)")
     status = loaded.store.status
     path = local.resolve() if local else _downloaded(cache_dir, uri)
     folder = stage(path, [f["name"] for f in status.data_files], cache_dir / "mounted")
