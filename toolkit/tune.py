@@ -830,7 +830,7 @@ def _tune_url(c: Context, plan: Plan, url: str, samples: str, shapes: str, token
 
     if identity_token:
         token = smoke.gcloud_identity_token(c)
-    plan.headers = smoke.auth_headers(token, api_key or smoke.configured_api_key(c))
+    plan.headers = smoke.Access(token, api_key or smoke.configured_api_key(c)).headers
     shape_text = shapes or (f"{c.cloudrun.cpu}:{c.cloudrun.memory}" if plan.target == "cloudrun" else _fly_shape(c))
     plan.shapes = sizing.parse_shapes(plan.target, shape_text)
     if len(plan.shapes) != 1:
