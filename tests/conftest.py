@@ -37,6 +37,31 @@ def linear(tmp_path) -> Path:
 pytest_plugins = ["tests.support.gcloud_stub", "tests.support.fake_flyctl"]
 
 
+UNGROUPED = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under `--dist loadgroup`, xdist sends each `xdist_group` to one worker by suffixing its tests' node ids with
+    "@group". If a pytest/xdist pairing stops doing that, the groups (one Docker engine, one heavy test at a time)
+    silently run on every worker at once and race: each grouped test fails instead, naming the fix."""
+    if not getattr(config.option, "loadgroup", False):  # set on an xdist worker under --dist loadgroup
+        return
+    for item in items:
+        if item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
+            item.stash[UNGROUPED] = (
+                "pytest-xdist did not put this test in its xdist_group: this pytest ignores xdist's node-id suffix, "
+                "so grouped tests would race on every worker. Install the pinned versions: "
+                "pip install -r requirements-dev.txt"
+            )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item) -> None:
+    if UNGROUPED in item.stash:
+        pytest.fail(item.stash[UNGROUPED], pytrace=False)
+
+
 # The image tests' figures, printed at the end of the run: here, because under pytest-xdist only this conftest is
 # loaded by the controller, and the figures are measured in a worker, which hands them over when it finishes.
 def pytest_sessionfinish(session) -> None:

@@ -32,5 +32,5 @@ def summary(terminalreporter) -> None:
         terminalreporter.section("container image figures")
         for key, value in sorted(FIGURES.items()):
             terminalreporter.write_line(f"{key}: {value}")
-        for path in WRITTEN:
+        for path in dict.fromkeys(WRITTEN):  # each file once: a worker's and the controller's lists can both hold it
             terminalreporter.write_line(f"(written to {path}; {FIGURES_ENV}=bench/results/image.json keeps them for invoke bench)")
