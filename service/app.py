@@ -199,6 +199,8 @@ class NativeProtocol:
         self.store = store
         self.shared_dims = store.settings.check_shared_dims
 
+    routes = False  # one path, nothing in it to check: `route_error` is not called
+
     def route_error(self, scope: dict) -> tuple[int, str] | None:
         return None
 
@@ -237,7 +239,7 @@ class Endpoint:
         """Answer the request; returns (status, body bytes) for the access log."""
         protocol = self.protocol
         unavailable = self.store.unavailable()
-        refused = protocol.route_error(scope) or (unavailable and (503, unavailable))
+        refused = (protocol.routes and protocol.route_error(scope)) or (unavailable and (503, unavailable))
         if refused:
             status, message = refused
             extra = [(b"retry-after", RETRY_AFTER_SECONDS.encode())] if status == 503 else []
@@ -250,9 +252,10 @@ class Endpoint:
                 if length > self.max_body_bytes:
                     raise BadRequest(f"request body of {length} bytes is over the {self.max_body_bytes}-byte limit "
                                      "(MAX_BODY_BYTES)", 413)  # fmt: skip
-                cost = request_cost(length)
-                taken = self.budget.take_now(cost)  # before a byte of the body is read; no await when it fits
-                held = taken if taken is not None else await self.budget.admit(cost)
+                if self.budget.total is not None:  # a budget (service/memory.py): admitted before a byte is read
+                    cost = request_cost(length)
+                    taken = self.budget.take_now(cost)  # no await when it fits
+                    held = taken if taken is not None else await self.budget.admit(cost)
             message = await receive()  # the whole body in one message: every body the server has whole
             if message["type"] == "http.request" and not message.get("more_body", False):
                 body = message.get("body", b"")
@@ -276,9 +279,11 @@ class Endpoint:
                 feeds, request = protocol.decode(body, headers)
             try:
                 # A request alone in the worker runs here and now; any other goes through the batching.
-                values = self.scheduler.run_now_if_alone(feeds)
+                scheduler = self.scheduler
+                values = scheduler.run_now_if_alone(feeds)
                 if values is None:
-                    values = await self.scheduler.submit(feeds)
+                    future = scheduler.enqueue(feeds)  # no coroutine of the scheduler's for a batchable request
+                    values = await (future if future is not None else scheduler.submit(feeds))
             except ModelRejected as exc:  # onnxruntime's own checks: dimensions that must agree, value ranges, ...
                 raise rejected_by_model(exc.cause, self.store.inputs, feeds) from None
             if _output_bytes(values) > INLINE_OUTPUT_BYTES:

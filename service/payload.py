@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import itertools
 import re
+import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -55,9 +56,17 @@ def decode_inputs(body: bytes, specs: Sequence[TensorSpec], *, shared_dims: bool
             raise BadRequest(f"unknown input {', '.join(map(repr, unknown))}; the model's inputs are {names}")
         missing = [name for name in names if name not in inputs]
         raise BadRequest(f"missing input {', '.join(map(repr, missing))}; the model's inputs are {names}")
-    may_hold_booleans = _mentions_booleans(body)
-    tensors = {spec.name: to_tensor(inputs[spec.name], spec, may_hold_booleans=may_hold_booleans) for spec in specs}
-    if shared_dims:
+    tensors = {}
+    may_hold_booleans = None  # whether the body has a true or false anywhere: looked up once, if ever needed
+    for spec in specs:
+        value = inputs[spec.name]
+        array = _plain_numbers(value, spec.dtype)
+        if array is None:
+            if may_hold_booleans is None:
+                may_hold_booleans = _mentions_booleans(body)
+            array = _json_to_array(value, spec, may_hold_booleans)
+        tensors[spec.name] = _shaped(array, spec)
+    if shared_dims and _shared_plan(specs):
         check_shared_dimensions(specs, tensors)
     return tensors
 
@@ -75,7 +84,11 @@ def _names(specs: Sequence[TensorSpec]) -> list[str]:
 
 def to_tensor(value: Any, spec: TensorSpec, *, may_hold_booleans: bool = True) -> np.ndarray:
     """JSON values to the input's tensor, every value and the shape checked."""
-    array = json_to_array(value, spec, may_hold_booleans=may_hold_booleans)
+    return _shaped(json_to_array(value, spec, may_hold_booleans=may_hold_booleans), spec)
+
+
+def _shaped(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """`array`, once its rank and fixed dimensions are the input's."""
     if array.ndim != len(spec.shape):
         check_shape(array, spec)  # raises, naming the rank
     shape = array.shape
@@ -94,6 +107,41 @@ def json_to_array(value: Any, spec: TensorSpec, *, may_hold_booleans: bool = Tru
     `may_hold_booleans=False` lets a caller who knows the JSON has no true/false skip looking for booleans mixed
     with numbers (numpy turns [1, true] into [1, 1]).
     """
+    array = _plain_numbers(value, spec.dtype)
+    return array if array is not None else _json_to_array(value, spec, may_hold_booleans)
+
+
+def _plain_numbers(value: Any, target: np.dtype | None) -> np.ndarray | None:
+    """The usual request, a small list or list of rows of JSON numbers for a float input, checked on the parsed
+    JSON itself and made an array in one numpy call; None for anything else (other nesting, uneven rows, a boolean,
+    a string, a number that is not well inside the dtype's range, more than PLAIN_VALUES values), which
+    `_json_to_array` then decides. The same array as that path: JSON numbers are doubles or integers under 2**53,
+    which a float dtype takes by the one rounding `astype` makes.
+
+    Why: on a request path that runs between two system calls, every numpy call costs several times what it costs
+    in a loop (cold caches): a few C-speed passes of Python's builtins over a few values cost less than numpy's
+    checks (docs/benchmarks.md, "The request path against its floor")."""
+    if type(value) is not list or not value or target is None or target.kind != "f":
+        return None
+    bound = _PLAIN_BOUND.get(target.itemsize, 0.0)  # 0: no value passes, a dtype this does not know
+    if type(value[0]) is list:  # rows
+        if len(value) * len(value[0]) > PLAIN_VALUES or set(map(type, value)) != _LIST or len(set(map(len, value))) != 1:
+            return None
+        every = itertools.chain.from_iterable
+        kinds = set(map(type, every(value)))
+        if not kinds or not kinds <= _NUMBERS or max(every(value)) >= bound or min(every(value)) <= -bound:
+            return None
+    else:
+        if len(value) > PLAIN_VALUES:
+            return None
+        kinds = set(map(type, value))
+        if not kinds <= _NUMBERS or max(value) >= bound or min(value) <= -bound:
+            return None
+    return np.array(value, dtype=target)
+
+
+def _json_to_array(value: Any, spec: TensorSpec, may_hold_booleans: bool) -> np.ndarray:
+    """`json_to_array` for every value `_plain_numbers` does not take."""
     target = spec.dtype
     if target is None:
         raise BadRequest(f"input {spec.name!r} has type {spec.ort_type}, which the service cannot accept")
@@ -168,7 +216,7 @@ def check_shared_dimensions(specs: Sequence[TensorSpec], tensors: dict[str, np.n
     not an identifier) are not shared. Called on each request's own tensors, before any batching (rank checked).
     CHECK_SHARED_DIMS=false skips it for a model that names dimensions alike that are not.
     """
-    for symbol, places in _shared_dimensions(tuple(specs)):
+    for symbol, places in _shared_plan(specs):
         (first, first_axis), *others = places
         size = tensors[first].shape[first_axis]
         for name, axis in others:
@@ -185,6 +233,20 @@ def check_shared_dimensions(specs: Sequence[TensorSpec], tensors: dict[str, np.n
                 f"(shapes {list(tensors[first].shape)} and {list(tensors[name].shape)}); send them with the same "
                 f"size in {symbol!r}"
             )
+
+
+_last_plan: tuple[Sequence[TensorSpec] | None, tuple] = (None, ())
+
+
+def _shared_plan(specs: Sequence[TensorSpec]) -> tuple[tuple[str, tuple[tuple[str, int], ...]], ...]:
+    """`_shared_dimensions` of `specs`, for the same sequence object (a model's inputs, made once per load) without
+    even the cache's hashing: every request of a model asks with the same list."""
+    global _last_plan
+    seen, plan = _last_plan
+    if seen is not specs:
+        plan = _shared_dimensions(tuple(specs))
+        _last_plan = (specs, plan)
+    return plan
 
 
 @functools.lru_cache(maxsize=16)
@@ -314,6 +376,13 @@ def _whole_numbers(value: Any, spec: TensorSpec, info: np.iinfo) -> np.ndarray:
 # value: 2**128 - 2**103 and 65520).
 _ROUNDS_TO_INF = {4: float(2**128 - 2**103), 2: 65520.0}
 _EXACT_FLOAT = 2**53  # floats up to this are whole numbers exactly; beyond it they stand for several
+# `_plain_numbers`: at most this many values (above it numpy's vectorized checks cost less), and numbers under
+# a bound: for float32, 2**53 (an integer beyond it might round differently going straight to float32 than through
+# float64, as the general path does); for float16, where it rounds to infinity; for float64, its largest value.
+PLAIN_VALUES = 64
+_PLAIN_BOUND = {8: sys.float_info.max, 4: float(_EXACT_FLOAT), 2: _ROUNDS_TO_INF[2]}
+_NUMBERS = frozenset((float, int))  # bool is neither: type(True) is bool
+_LIST = {list}
 
 
 def _holds_booleans(value: Any) -> bool:

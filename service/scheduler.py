@@ -1,8 +1,9 @@
 """Adaptive batching in one worker: requests that arrive while the model is busy run together as one call.
 
-No timer by default. A request that finds the runner idle runs at once (on the next turn of the event loop, so
-that requests parsed in the same turn join it); requests that arrive while a `session.run` is in flight queue,
-and when it ends the runner takes everything queued (up to `MAX_BATCH_ROWS` rows, same shape but for the first
+No timer by default. A request that finds the runner idle arms a run for the next turn of the event loop, so that
+requests parsed in the same turn join it; the last of the requests the worker has begun to join runs it at once
+(a request alone in the worker runs straight away). Requests that arrive while a `session.run` is in flight
+queue, and when it ends the runner takes everything queued (up to `MAX_BATCH_ROWS` rows, same shape but for the first
 dimension) as one call, then splits the outputs back by row count. Under light load this adds no latency;
 under heavy load the batches grow by themselves. `MAX_BATCH_DELAY_MS` opts into waiting for a fuller batch.
 
@@ -85,11 +86,12 @@ class _Pending:
     """One request waiting for (or leading) a batch. Its batch key is worked out only when there is something to
     compare it with: a request that runs alone never needs it."""
 
-    __slots__ = ("feeds", "rows", "future", "context", "queued_at", "_key")
+    __slots__ = ("feeds", "rows", "elements", "future", "context", "queued_at", "_key")
 
-    def __init__(self, feeds: Feeds, rows: int, future: asyncio.Future | None, context: contextvars.Context | None):
-        self.feeds, self.rows = feeds, rows
-        self.future = future  # None for a batch's leader, which runs the batch in its own task
+    def __init__(self, feeds: Feeds, rows: int, elements: int, future: asyncio.Future,
+                 context: contextvars.Context | None):
+        self.feeds, self.rows, self.elements = feeds, rows, elements
+        self.future = future
         self.context = context
         self.queued_at = time.perf_counter()
         self._key: tuple | None = None
@@ -115,7 +117,7 @@ class Scheduler:
         self.in_flight = in_flight
         self.queue: deque[_Pending] = deque()
         self.busy = False  # a batch is running (or scheduled to run) now
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None  # the armed dispatch, until it runs
         # What this worker's scheduler has done, for /health: runs, requests, the largest batch.
         self.runs = self.requests = self.largest_rows = self.largest_requests = 0
 
@@ -138,7 +140,7 @@ class Scheduler:
 
     def would_batch(self, feeds: Feeds) -> bool:
         """Whether these feeds could share a run with others: batching on and fewer rows than a full batch."""
-        rows = _rows(feeds) if self.policy.enabled else None
+        rows = _measure(feeds)[0] if self.policy.enabled else None
         return rows is not None and rows < self.policy.max_rows
 
     def run_now(self, feeds: Feeds) -> tuple[list[Any], float]:
@@ -153,24 +155,19 @@ class Scheduler:
 
     def record(self, feeds: Feeds, seconds: float) -> None:
         """Count a run of one request made outside a batch (`run_now`, `_run_alone`), on the event loop."""
-        self._count(_rows(feeds) or 1, 1, seconds)
+        self._count(_measure(feeds)[0] or 1, 1, seconds)
 
     def run_now_if_alone(self, feeds: Feeds) -> list[Any] | None:
-        """`submit` without an await for a request alone in the worker (the server says so), when `_lead` would
-        run it on the loop at once: batching on without a delay, nothing running or queued, a cheap run. No
-        future, no task, no loop turn. None: the request goes through `submit`."""
+        """What `enqueue` would do for a request alone in the worker (the server says so), without the queue: run
+        it on the loop at once, when batching is on without a delay, nothing runs or waits, and the run is cheap.
+        No future, no batch bookkeeping. None: the request goes through `enqueue` (or `submit`)."""
         policy = self.policy
         if self.busy or not policy.enabled or policy.delay or self.queue or self.in_flight is None:
             return None
         others = self.in_flight()
         if others is None or others > 1:
             return None
-        rows, elements = None, 0  # _rows and _elements in one pass
-        for value in feeds.values():
-            if value.ndim == 0 or (rows is not None and value.shape[0] != rows):
-                return None
-            rows = value.shape[0]
-            elements += value.size
+        rows, elements = _measure(feeds)
         if not rows or elements >= policy.inline_elements:  # type: ignore[attr-defined]
             return None
         started = time.perf_counter()
@@ -183,65 +180,46 @@ class Scheduler:
 
     async def submit(self, feeds: Feeds) -> list[Any]:
         """The model's outputs for `feeds`, run alone or as part of a batch; raises ModelRejected."""
-        loop = asyncio.get_running_loop()
+        future = self.enqueue(feeds)
+        if future is None:  # not batchable: run it alone, several at once in the pool as before
+            return await self._run_alone(asyncio.get_running_loop(), feeds)
+        return await future
+
+    def enqueue(self, feeds: Feeds) -> asyncio.Future | None:
+        """`submit` for a request that can share a batch, without a coroutine of its own: the future of its
+        outputs, done already when it ran at once (await it; it raises ModelRejected). None for a request that
+        cannot be batched: `submit` runs it.
+
+        It joins the queue; the first to find the runner idle arms the next batch for the next loop turn, so that
+        requests parsed in this turn join it. The last to arrive of the requests the worker has begun runs the
+        batch at once instead: no one else can join it.
+        """
         policy = self.policy
-        rows = _rows(feeds) if policy.enabled else None
-        if rows is None:  # not batchable: run it alone, several at once in the pool as before
-            return await self._run_alone(loop, feeds)
-        if not self.busy and policy.delay == 0:
-            return await self._lead(loop, _Pending(feeds, rows, None, None))
-        pending = _Pending(feeds, rows, loop.create_future(), contextvars.copy_context())
+        if not policy.enabled:
+            return None
+        rows, elements = _measure(feeds)
+        if rows is None:
+            return None
+        loop = asyncio.get_running_loop()
+        pending = _Pending(feeds, rows, elements, loop.create_future(), contextvars.copy_context())
         self.queue.append(pending)
         self._observe_depth()
         if not self.busy:
             self._arm(loop)
-        return await pending.future
+        if policy.delay == 0 and self._timer is not None and self._all_queued():
+            # Every request the worker has begun is queued: no one else can join this batch before the armed turn,
+            # so the last to arrive runs it now (on the loop if cheap: then its own answer is ready, no suspension)
+            # instead of every request waiting a loop turn for it.
+            self._timer.cancel()
+            self._dispatch(loop)
+        return pending.future
 
-    async def _lead(self, loop: asyncio.AbstractEventLoop, leader: _Pending) -> list[Any]:
-        """The runner was idle: this request starts the next batch itself, without a hop through the queue.
-
-        It yields once, so that requests parsed in the same turn of the event loop queue behind it, then runs
-        them all as one batch (on the loop if cheap, else in the pool) and hands each its rows. What queued
-        meanwhile starts the next batch as usual. At low load that is one loop turn and no future per request;
-        a request alone in the worker (the server says so) skips even that turn: no one is there to join it.
-        """
-        self.busy = True
-        others = self.in_flight() if self.in_flight is not None else None
-        if others is None or others > 1:
-            try:
-                await asyncio.sleep(0)
-            except BaseException:  # cancelled before it took anything: let the queue go on without it
-                self._release(loop)
-                raise
-        if self.queue:
-            batch = [leader, *self._take(leader)]
-        else:  # no one joined (the usual case at low load): a cheap run needs none of a batch's bookkeeping
-            if self._cheap(_elements(leader.feeds)):
-                started = time.perf_counter()
-                try:
-                    return self.runner(leader.feeds)
-                except Exception as exc:
-                    raise ModelRejected(exc) from None
-                finally:
-                    self._count(leader.rows, 1, time.perf_counter() - started)
-                    self._release(loop)
-            batch = [leader]
-        started = time.perf_counter()
-        if self._cheap(sum(_elements(p.feeds) for p in batch)):
-            results = self._run_batch(batch)
-        else:
-            future = loop.run_in_executor(self.executor, self._run_batch, batch)
-            try:
-                await asyncio.shield(future)
-            except asyncio.CancelledError:  # the leader's client left; the others in its batch still get answers
-                future.add_done_callback(lambda f: self._finish(loop, batch, _results(f, len(batch)), started))
-                raise
-            results = _results(future, len(batch))
-        self._finish(loop, batch, results, started)
-        ok, value = results[0]
-        if not ok:
-            raise ModelRejected(value)
-        return value
+    def _all_queued(self) -> bool:
+        """Whether every request the server says this worker has begun and not answered is in the queue."""
+        if self.in_flight is None:
+            return False
+        begun = self.in_flight()
+        return begun is not None and len(self.queue) >= begun
 
     def _release(self, loop: asyncio.AbstractEventLoop) -> None:
         """The running batch is done: start the next one if anything queued meanwhile."""
@@ -259,7 +237,7 @@ class Scheduler:
             wait = max(0.0, oldest + delay - time.perf_counter())
             self._timer = loop.call_later(wait, self._dispatch, loop)
         else:
-            loop.call_soon(self._dispatch, loop)
+            self._timer = loop.call_soon(self._dispatch, loop)
 
     def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None
@@ -268,7 +246,7 @@ class Scheduler:
             self.busy = False
             return
         started = time.perf_counter()
-        if self._cheap(sum(_elements(p.feeds) for p in batch)):
+        if self._cheap(sum(p.elements for p in batch)):
             self._finish(loop, batch, self._run_batch(batch), started)
             return
         future = loop.run_in_executor(self.executor, self._run_batch, batch)
@@ -368,22 +346,17 @@ def _results(future: asyncio.Future, count: int) -> list[tuple[bool, Any]]:
     return future.result()
 
 
-def _rows(feeds: Feeds) -> int | None:
-    """The request's row count: the first dimension that all its inputs share; None if they don't (or rank 0)."""
-    rows = None
+def _measure(feeds: Feeds) -> tuple[int | None, int]:
+    """(rows, input elements) of a request: rows is the first dimension all its inputs share, None if they don't
+    (or one is rank 0); elements are what a run's cost is estimated from."""
+    rows, elements = None, 0
     for value in feeds.values():
-        if value.ndim == 0 or (rows is not None and value.shape[0] != rows):
-            return None
-        rows = value.shape[0]
-    return rows if rows else None
-
-
-def _elements(feeds: Feeds) -> int:
-    """The request's input elements, what a run's cost is estimated from."""
-    count = 0
-    for value in feeds.values():
-        count += value.size
-    return count
+        shape = value.shape
+        if not shape or (rows is not None and shape[0] != rows):
+            return None, 0
+        rows = shape[0]
+        elements += value.size
+    return (rows if rows else None), elements
 
 
 def _key(feeds: Feeds) -> tuple:

@@ -159,3 +159,61 @@ def test_the_v2_codec_applies_the_same_rule():
     with pytest.raises(BadRequest, match="'feat' and 'count' share dimension 'N' but have sizes 1 and 3"):
         decode_request(body, None, SHARED, ())
     assert decode_request(body, None, SHARED, (), shared_dims=False).feeds["count"].shape == (3,)
+
+
+# The usual request (a few rows of numbers for a float input) takes a shorter path (`_plain_numbers`); it must
+# give the very array the general one gives, and leave every other value to it.
+PLAIN_CASES = [
+    ("float", [[0.1, -2.5, 3.0, 1e-40]]),
+    ("float", [[1, 2], [3, 4.5]]),
+    ("float", [2**53 - 1, -(2**53) + 1, 0.1]),
+    ("float16", [[65519.0, -0.1, 1e-8]]),
+    ("double", [[1e300, -1e-300, 7]]),
+]
+
+
+@pytest.mark.parametrize("ort_type, value", PLAIN_CASES)
+def test_the_short_path_gives_the_general_paths_array(ort_type, value):
+    from service import payload
+
+    got = payload._plain_numbers(value, spec(ort_type).dtype)
+    general = payload._json_to_array(value, spec(ort_type), True)
+    assert got is not None, "the short path should take this value"
+    assert got.dtype == general.dtype and got.shape == general.shape
+    assert got.tobytes() == general.tobytes()  # bit for bit, signs of zero and rounding included
+
+
+@pytest.mark.parametrize(
+    "ort_type, value",
+    [
+        ("float", [[1.0, True]]),  # a boolean
+        ("float", [[1.0, "2"]]),  # a string
+        ("float", [[1.0, None]]),  # null
+        ("float", [[1.0, 2.0], [3.0]]),  # uneven rows
+        ("float", [[1.0], 2.0]),  # a number beside a row
+        ("float", [[[1.0]]]),  # rank 3: the general path
+        ("float", [[]]),  # no values
+        ("float", [2**53]),  # an integer a float32 might round differently through float64
+        ("float", [1e39]),  # past float32's range
+        ("float16", [[65520.0]]),  # rounds to infinity in float16
+        ("float", [0.5] * 65),  # more than PLAIN_VALUES
+        ("int64", [[1, 2]]),  # not a float input
+        ("string", [["a"]]),
+    ],
+)
+def test_the_short_path_leaves_everything_else_to_the_general_one(ort_type, value):
+    from service import payload
+
+    assert payload._plain_numbers(value, spec(ort_type).dtype) is None
+
+
+@pytest.mark.parametrize("value, message", [
+    ([[1.0, True]], "holds booleans"),
+    ([[1.0, "2"]], "holds strings"),
+    ([[1.0, 2.0], [3.0]], "uneven lengths"),
+    ([[1e39, 1.0]], "outside the float32 range"),
+])  # fmt: skip
+def test_a_predict_body_the_short_path_leaves_is_refused_as_before(value, message):
+    body = orjson.dumps({"inputs": {"x": value}})
+    with pytest.raises(BadRequest, match=message):
+        decode_inputs(body, [spec("float", ("N", 2))])

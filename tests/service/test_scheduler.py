@@ -53,3 +53,49 @@ def test_a_request_that_finds_a_batch_running_waits_for_it():
     scheduler = Scheduler(doubled, ThreadPoolExecutor(1), CHEAP, in_flight=lambda: 1)
     scheduler.busy = True
     assert scheduler.run_now_if_alone({"x": np.ones((1, 2), np.float32)}) is None
+
+
+def test_the_last_of_the_requests_in_flight_runs_the_batch_at_once_and_answers_every_one():
+    """Three requests begun in the worker: the first two queue and wait; the third finds all three queued, runs
+    them as one batch on the spot (a cheap run), and its own answer is ready without a loop turn."""
+
+    async def scenario():
+        runs = []
+
+        def runner(feeds):
+            runs.append(feeds["x"].shape[0])
+            return doubled(feeds)
+
+        scheduler = Scheduler(runner, ThreadPoolExecutor(1), CHEAP, in_flight=lambda: 3)
+        futures = [scheduler.enqueue({"x": np.full((1, 2), i, np.float32)}) for i in range(3)]
+        assert runs == [3] and all(f.done() for f in futures)  # before any await: no loop turn was needed
+        answers = [(await f)[0].tolist() for f in futures]
+        assert answers == [[[0.0, 0.0]], [[2.0, 2.0]], [[4.0, 4.0]]]  # each its own rows back
+        assert (scheduler.runs, scheduler.largest_requests, scheduler.busy, scheduler.depth) == (1, 3, False, 0)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("in_flight", [5, None])  # more begun than ever arrive (a /health call, say), or unknown
+def test_when_not_every_request_in_flight_arrives_the_armed_turn_runs_the_batch(in_flight):
+    async def scenario():
+        scheduler = Scheduler(doubled, ThreadPoolExecutor(1), CHEAP, in_flight=lambda: in_flight)
+        futures = [scheduler.enqueue({"x": np.full((1, 2), i, np.float32)}) for i in range(2)]
+        assert not any(f.done() for f in futures) and scheduler.busy  # waiting for others who may join
+        answers = await asyncio.wait_for(asyncio.gather(*futures), 5)
+        assert [a[0].tolist() for a in answers] == [[[0.0, 0.0]], [[2.0, 2.0]]]
+        assert (scheduler.runs, scheduler.largest_requests, scheduler.busy) == (1, 2, False)
+
+    asyncio.run(scenario())
+
+
+def test_the_last_to_arrive_with_a_different_shape_waits_for_the_next_batch():
+    async def scenario():
+        scheduler = Scheduler(doubled, ThreadPoolExecutor(1), CHEAP, in_flight=lambda: 2)
+        first = scheduler.enqueue({"x": np.ones((1, 2), np.float32)})
+        other = scheduler.enqueue({"x": np.ones((1, 2), np.float64)})  # another dtype: never in first's batch
+        assert first.done() and not other.done()  # the batch ran without it; it runs on the next turn
+        assert (await asyncio.wait_for(other, 5))[0].dtype == np.float64
+        assert (scheduler.runs, scheduler.busy) == (2, False)
+
+    asyncio.run(scenario())
