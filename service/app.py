@@ -11,13 +11,13 @@ import contextlib
 import contextvars
 import gc
 import logging
+import operator
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
-import numpy as np
 import orjson
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
@@ -80,6 +80,7 @@ def create_app(settings: Settings) -> InferenceApp:
     store.after_load.append(("measuring the memory budget", measure_memory))
     if metrics:
         metrics.watch_memory(budget)
+        metrics.watch_queue(scheduler)
     store.after_load.append(("freezing start-up objects", _freeze_heap))
 
     @contextlib.asynccontextmanager
@@ -173,7 +174,7 @@ class InferenceApp:
         # The hot path: the route reports its status and size for the access log (AccessLog.finish), no coroutine
         # in between.
         headers = dict(scope["headers"])
-        token = _trace(headers)
+        token = _trace(headers) if b"traceparent" in headers or b"x-cloud-trace-context" in headers else None
         started = time.perf_counter()
         status = size = 0
         try:
@@ -238,12 +239,13 @@ class Endpoint:
     async def handle(self, scope: dict, receive: Any, send: Any, headers: dict[bytes, bytes]) -> tuple[int, int]:
         """Answer the request; returns (status, body bytes) for the access log."""
         protocol = self.protocol
-        unavailable = self.store.unavailable()
-        refused = (protocol.routes and protocol.route_error(scope)) or (unavailable and (503, unavailable))
-        if refused:
-            status, message = refused
-            extra = [(b"retry-after", RETRY_AFTER_SECONDS.encode())] if status == 503 else []
-            return await _send(send, *protocol.error(message, status), [JSON_CONTENT, *extra])
+        if protocol.routes or self.store.status.state is not LoadState.READY:
+            unavailable = self.store.unavailable()
+            refused = (protocol.routes and protocol.route_error(scope)) or (unavailable and (503, unavailable))
+            if refused:
+                status, message = refused
+                extra = [(b"retry-after", RETRY_AFTER_SECONDS.encode())] if status == 503 else []
+                return await _send(send, *protocol.error(message, status), [JSON_CONTENT, *extra])
         held = 0  # bytes of the memory budget this request holds (service/memory.py)
         try:
             declared = headers.get(b"content-length")
@@ -328,10 +330,15 @@ class Endpoint:
 
 
 def _output_bytes(values: list) -> int:
-    size = 0
-    for value in values:
-        size += value.nbytes if isinstance(value, np.ndarray) else INLINE_OUTPUT_BYTES
-    return size
+    """The outputs' bytes, counting anything but an array (skl2onnx's lists of maps) as too large to encode on
+    the loop."""
+    try:
+        return sum(map(_NBYTES, values))
+    except AttributeError:  # not an array
+        return INLINE_OUTPUT_BYTES + 1
+
+
+_NBYTES = operator.attrgetter("nbytes")
 
 
 async def _send(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> tuple[int, int]:

@@ -139,9 +139,9 @@ class _Histogram:
 
 
 class Recorder:
-    """A worker's metrics. The request path and the scheduler call `request`, `batch` and `queue_depth` on the
-    event loop; those only append to lists, turned into counts and buckets and written to the multiprocess files
-    by `flush`."""
+    """A worker's metrics. The request path and the scheduler call `request` and `batch` on the event loop; those
+    only append to lists, turned into counts and buckets and written to the multiprocess files by `flush`, which
+    also reads the state of what it watches (the scheduler's queue, the memory budget)."""
 
     def __init__(
         self, flush_seconds: float, routes: Iterable[str] = INFER_ROUTES, metric_families: dict[str, Any] | None = None
@@ -155,7 +155,8 @@ class Recorder:
         self.statuses: list[int] = []
         self.seconds: list[float] = []
         self.runs: list[tuple[int, int, float]] = []  # (rows, requests, seconds) of each model run since then
-        self.depth: int | None = None  # the queue depth not yet written
+        self.queue: Any = None  # the batching scheduler, whose queue depth each flush writes (`watch_queue`)
+        self.depth_written: int | None = None
         self.budget: Any = None  # the memory budget (service/memory.py) whose state each flush writes
         self.memory_refusals: list[int] = []  # statuses of the requests refused for memory since the last flush
         self.memory_written: tuple[int, int, int] | None = None  # (limit, budget, in use) last written
@@ -183,10 +184,10 @@ class Recorder:
         if not self.flush_armed:
             self._arm()
 
-    def queue_depth(self, depth: int) -> None:
-        self.depth = depth
-        if not self.flush_armed:
-            self._arm()
+    def watch_queue(self, scheduler: Any) -> None:
+        """Write the scheduler's queue depth (`scheduler.depth`) with every flush: read there, not pushed by each
+        request, which joins and leaves the queue between two flushes."""
+        self.queue = scheduler
 
     def watch_memory(self, budget: Any) -> None:
         """Write the memory budget's state (service/memory.py) with every flush: read there, not pushed by each
@@ -209,7 +210,6 @@ class Recorder:
         paths, statuses, durations = self.paths, self.statuses, self.seconds
         self.paths, self.statuses, self.seconds = [], [], []
         runs, self.runs = self.runs, []
-        depth, self.depth = self.depth, None
         routes = {path: self.route_name(path) for path in set(paths)}
         counts: dict[tuple[str, int], int] = {}
         for (path, status), count in Counter(zip(paths, statuses)).items():
@@ -233,8 +233,10 @@ class Recorder:
             self.inference_seconds.observe_all((), seconds)
             self.batch_rows.observe_all((), rows)
             self.batch_requests.observe_all((), served)
-        if depth is not None:
+        depth = None if self.queue is None else self.queue.depth
+        if depth is not None and depth != self.depth_written:
             self.families["queue_depth"].set(depth)
+            self.depth_written = depth
         refusals, self.memory_refusals = self.memory_refusals, []
         budget = self.budget
         if budget is not None and budget.total is not None:

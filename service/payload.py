@@ -49,17 +49,15 @@ def decode_inputs(body: bytes, specs: Sequence[TensorSpec], *, shared_dims: bool
         inputs = {specs[0].name: inputs}
     if not isinstance(inputs, dict):
         raise BadRequest(f"\"inputs\" must be an object mapping input names {_names(specs)} to nested lists")
-    if len(inputs) != len(specs) or not _all_named(inputs, specs):
-        names = _names(specs)
-        unknown = sorted(set(inputs) - set(names))
-        if unknown:
-            raise BadRequest(f"unknown input {', '.join(map(repr, unknown))}; the model's inputs are {names}")
-        missing = [name for name in names if name not in inputs]
-        raise BadRequest(f"missing input {', '.join(map(repr, missing))}; the model's inputs are {names}")
+    if len(inputs) != len(specs):
+        raise _misnamed(inputs, specs)
     tensors = {}
     may_hold_booleans = None  # whether the body has a true or false anywhere: looked up once, if ever needed
     for spec in specs:
-        value = inputs[spec.name]
+        try:
+            value = inputs[spec.name]
+        except KeyError:  # as many inputs as the model's, but not all of its names
+            raise _misnamed(inputs, specs) from None
         array = _plain_numbers(value, spec.dtype)
         if array is None:
             if may_hold_booleans is None:
@@ -71,11 +69,14 @@ def decode_inputs(body: bytes, specs: Sequence[TensorSpec], *, shared_dims: bool
     return tensors
 
 
-def _all_named(inputs: dict, specs: Sequence[TensorSpec]) -> bool:
-    for spec in specs:
-        if spec.name not in inputs:
-            return False
-    return True
+def _misnamed(inputs: dict, specs: Sequence[TensorSpec]) -> BadRequest:
+    """The error for inputs whose names are not the model's: the unknown ones, else the missing ones."""
+    names = _names(specs)
+    unknown = sorted(set(inputs) - set(names))
+    if unknown:
+        return BadRequest(f"unknown input {', '.join(map(repr, unknown))}; the model's inputs are {names}")
+    missing = [name for name in names if name not in inputs]
+    return BadRequest(f"missing input {', '.join(map(repr, missing))}; the model's inputs are {names}")
 
 
 def _names(specs: Sequence[TensorSpec]) -> list[str]:
@@ -121,22 +122,21 @@ def _plain_numbers(value: Any, target: np.dtype | None) -> np.ndarray | None:
     Why: on a request path that runs between two system calls, every numpy call costs several times what it costs
     in a loop (cold caches): a few C-speed passes of Python's builtins over a few values cost less than numpy's
     checks (docs/benchmarks.md, "The request path against its floor")."""
-    if type(value) is not list or not value or target is None or target.kind != "f":
+    bound = _PLAIN_BOUNDS.get(target)  # None: not a float input
+    if bound is None or type(value) is not list or not value:
         return None
-    bound = _PLAIN_BOUND.get(target.itemsize, 0.0)  # 0: no value passes, a dtype this does not know
-    if type(value[0]) is list:  # rows
-        if len(value) * len(value[0]) > PLAIN_VALUES or set(map(type, value)) != _LIST or len(set(map(len, value))) != 1:
-            return None
-        every = itertools.chain.from_iterable
-        kinds = set(map(type, every(value)))
-        if not kinds or not kinds <= _NUMBERS or max(every(value)) >= bound or min(every(value)) <= -bound:
-            return None
+    values = value[0]
+    if type(values) is list:  # rows
+        if len(value) > 1:
+            if (len(value) * len(values) > PLAIN_VALUES or set(map(type, value)) != _LIST
+                    or len(set(map(len, value))) != 1):  # fmt: skip
+                return None
+            values = list(itertools.chain.from_iterable(value))
     else:
-        if len(value) > PLAIN_VALUES:
-            return None
-        kinds = set(map(type, value))
-        if not kinds <= _NUMBERS or max(value) >= bound or min(value) <= -bound:
-            return None
+        values = value
+    if (not values or len(values) > PLAIN_VALUES or not set(map(type, values)) <= _NUMBERS
+            or max(values) >= bound or min(values) <= -bound):  # fmt: skip
+        return None
     return np.array(value, dtype=target)
 
 
@@ -380,7 +380,8 @@ _EXACT_FLOAT = 2**53  # floats up to this are whole numbers exactly; beyond it t
 # a bound: for float32, 2**53 (an integer beyond it might round differently going straight to float32 than through
 # float64, as the general path does); for float16, where it rounds to infinity; for float64, its largest value.
 PLAIN_VALUES = 64
-_PLAIN_BOUND = {8: sys.float_info.max, 4: float(_EXACT_FLOAT), 2: _ROUNDS_TO_INF[2]}
+_PLAIN_BOUNDS = {np.dtype(np.float64): sys.float_info.max, np.dtype(np.float32): float(_EXACT_FLOAT),
+                 np.dtype(np.float16): _ROUNDS_TO_INF[2]}  # fmt: skip
 _NUMBERS = frozenset((float, int))  # bool is neither: type(True) is bool
 _LIST = {list}
 

@@ -112,7 +112,7 @@ class Scheduler:
     def __init__(self, runner: Runner, executor: Executor, policy: BatchPolicy, observer: Any = None,
                  in_flight: Callable[[], int | None] | None = None):
         self.runner, self.executor, self.policy = runner, executor, policy
-        self.observer = observer  # metrics: .batch(rows, requests, seconds), .queue_depth(n); optional
+        self.observer = observer  # metrics: .batch(rows, requests, seconds); optional (it reads `depth` itself)
         # The worker's requests begun and not answered (service/worker.py), None if unknown; optional.
         self.in_flight = in_flight
         self.queue: deque[_Pending] = deque()
@@ -203,23 +203,17 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         pending = _Pending(feeds, rows, elements, loop.create_future(), contextvars.copy_context())
         self.queue.append(pending)
-        self._observe_depth()
         if not self.busy:
             self._arm(loop)
-        if policy.delay == 0 and self._timer is not None and self._all_queued():
-            # Every request the worker has begun is queued: no one else can join this batch before the armed turn,
-            # so the last to arrive runs it now (on the loop if cheap: then its own answer is ready, no suspension)
-            # instead of every request waiting a loop turn for it.
-            self._timer.cancel()
-            self._dispatch(loop)
+        if policy.delay == 0 and self._timer is not None and self.in_flight is not None:
+            begun = self.in_flight()  # the requests the worker has begun and not answered
+            if begun is not None and len(self.queue) >= begun:
+                # Every request the worker has begun is queued: no one else can join this batch before the armed
+                # turn, so the last to arrive runs it now (on the loop if cheap: then its own answer is ready, no
+                # suspension) instead of every request waiting a loop turn for it.
+                self._timer.cancel()
+                self._dispatch(loop)
         return pending.future
-
-    def _all_queued(self) -> bool:
-        """Whether every request the server says this worker has begun and not answered is in the queue."""
-        if self.in_flight is None:
-            return False
-        begun = self.in_flight()
-        return begun is not None and len(self.queue) >= begun
 
     def _release(self, loop: asyncio.AbstractEventLoop) -> None:
         """The running batch is done: start the next one if anything queued meanwhile."""
@@ -278,7 +272,6 @@ class Scheduler:
                 else:
                     kept.append(pending)
             self.queue = kept
-        self._observe_depth()
         return taken
 
     def _run_batch(self, batch: list[_Pending]) -> list[tuple[bool, Any]]:
@@ -334,10 +327,6 @@ class Scheduler:
         self.largest_requests = max(self.largest_requests, requests)
         if self.observer is not None:
             self.observer.batch(rows, requests, seconds)
-
-    def _observe_depth(self) -> None:
-        if self.observer is not None:
-            self.observer.queue_depth(len(self.queue))
 
 
 def _results(future: asyncio.Future, count: int) -> list[tuple[bool, Any]]:

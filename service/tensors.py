@@ -6,7 +6,7 @@ The bottom of the service's imports: the model store builds these from the onnxr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,11 +29,14 @@ class TensorSpec:
     name: str
     ort_type: str
     shape: tuple[int | str | None, ...]  # ints are fixed; str/None are free (symbolic) dimensions
+    dtype: np.dtype | None = field(init=False, repr=False, compare=False)  # set from ort_type (`__post_init__`)
 
     # Read on every request (the codecs, the cached shared-dimension plan): worked out once, not per call.
     def __post_init__(self) -> None:
         object.__setattr__(self, "_hash", hash((self.name, self.ort_type, self.shape)))
-        object.__setattr__(self, "_dtype", ORT_DTYPES.get(self.ort_type))
+        # The numpy dtype of the tensor (object for strings), None for what is not a tensor (sequences, maps): a
+        # plain attribute, as `fixed`, not a property (each request reads it).
+        object.__setattr__(self, "dtype", ORT_DTYPES.get(self.ort_type))
         # The fixed dimensions as (axis, size): what a request's shape is checked against.
         object.__setattr__(self, "fixed", tuple((axis, d) for axis, d in enumerate(self.shape) if isinstance(d, int)))
 
@@ -45,11 +48,6 @@ class TensorSpec:
         """The spec of an onnxruntime NodeArg (session.get_inputs()/get_outputs()); negative sizes are free."""
         shape = tuple(d if isinstance(d, int) and d >= 0 else (d if isinstance(d, str) else None) for d in (arg.shape or ()))
         return cls(arg.name, arg.type, shape)
-
-    @property
-    def dtype(self) -> np.dtype | None:
-        """The numpy dtype of the tensor (object for strings), None for what is not a tensor (sequences, maps)."""
-        return self._dtype  # type: ignore[attr-defined]
 
     @property
     def dtype_name(self) -> str:

@@ -4,6 +4,7 @@ Prometheus would, and the worker-side recorder against prometheus_client's own a
 from __future__ import annotations
 
 import asyncio
+import types
 import contextlib
 import hashlib
 import os
@@ -334,7 +335,7 @@ def test_recorded_values_equal_what_prometheus_client_computes_itself():
             recorder.request(path, status, seconds)
         for rows, count, seconds in batches:
             recorder.batch(rows, count, seconds)
-        recorder.queue_depth(3)
+        recorder.watch_queue(types.SimpleNamespace(depth=3))  # a scheduler with three requests queued
         assert recorder.flush_armed and recorded["requests"].collect()[0].samples == []  # not written yet
         await asyncio.sleep(0.2)
         assert not recorder.flush_armed
