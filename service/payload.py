@@ -282,11 +282,13 @@ _ORT_NOISE = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : |/onnxruntime_src/\
 def encode_outputs(specs: Sequence[TensorSpec], values: Sequence[Any]) -> bytes:
     """{"outputs": {name: value}}: numbers, booleans, strings, and skl2onnx's lists of {label: probability}."""
     outputs = {spec.name: value for spec, value in zip(specs, values)}
-    options = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
     try:
-        return orjson.dumps({"outputs": outputs}, option=options)
+        return orjson.dumps({"outputs": outputs}, option=_ENCODE_OPTIONS)
     except TypeError:  # string (object) arrays, rank 0, non-contiguous: numpy types orjson does not take natively
-        return orjson.dumps({"outputs": {k: _plain(v) for k, v in outputs.items()}}, option=options)
+        return orjson.dumps({"outputs": {k: _plain(v) for k, v in outputs.items()}}, option=_ENCODE_OPTIONS)
+
+
+_ENCODE_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 
 def _strings(value: Any, spec: TensorSpec) -> np.ndarray:

@@ -83,24 +83,16 @@ class BatchPolicy:
 
 
 class _Pending:
-    """One request waiting for (or leading) a batch. Its batch key is worked out only when there is something to
-    compare it with: a request that runs alone never needs it."""
+    """One request waiting for a batch: its feeds, rows, input elements and batch key (`_measure`), and the
+    future of its outputs."""
 
-    __slots__ = ("feeds", "rows", "elements", "future", "context", "queued_at", "_key")
+    __slots__ = ("feeds", "rows", "elements", "key", "future", "context", "queued_at")
 
-    def __init__(self, feeds: Feeds, rows: int, elements: int, future: asyncio.Future,
-                 context: contextvars.Context | None):
-        self.feeds, self.rows, self.elements = feeds, rows, elements
-        self.future = future
-        self.context = context
-        self.queued_at = time.perf_counter()
-        self._key: tuple | None = None
-
-    @property
-    def key(self) -> tuple:
-        if self._key is None:
-            self._key = _key(self.feeds)
-        return self._key
+    def __init__(self, feeds: Feeds, measured: tuple[int, int, tuple], future: asyncio.Future,
+                 context: contextvars.Context | None, queued_at: float):
+        self.feeds = feeds
+        self.rows, self.elements, self.key = measured
+        self.future, self.context, self.queued_at = future, context, queued_at
 
 
 class Scheduler:
@@ -167,7 +159,7 @@ class Scheduler:
         others = self.in_flight()
         if others is None or others > 1:
             return None
-        rows, elements = _measure(feeds)
+        rows, elements, _ = _measure(feeds)
         if not rows or elements >= policy.inline_elements:  # type: ignore[attr-defined]
             return None
         started = time.perf_counter()
@@ -197,11 +189,12 @@ class Scheduler:
         policy = self.policy
         if not policy.enabled:
             return None
-        rows, elements = _measure(feeds)
-        if rows is None:
+        measured = _measure(feeds)
+        if measured[0] is None:
             return None
         loop = asyncio.get_running_loop()
-        pending = _Pending(feeds, rows, elements, loop.create_future(), contextvars.copy_context())
+        queued_at = time.perf_counter() if policy.delay else 0.0  # what the opt-in delay counts from
+        pending = _Pending(feeds, measured, loop.create_future(), contextvars.copy_context(), queued_at)
         self.queue.append(pending)
         if not self.busy:
             self._arm(loop)
@@ -301,7 +294,7 @@ class Scheduler:
     def _finish(self, loop, batch: list[_Pending], results: list[tuple[bool, Any]], started: float) -> None:
         self._count(sum(p.rows for p in batch), len(batch), time.perf_counter() - started)
         for pending, (ok, value) in zip(batch, results):
-            if pending.future is None or pending.future.done():  # the leader; a client that went away
+            if pending.future.done():  # a client that went away
                 continue
             if ok:
                 pending.future.set_result(value)
@@ -335,25 +328,20 @@ def _results(future: asyncio.Future, count: int) -> list[tuple[bool, Any]]:
     return future.result()
 
 
-def _measure(feeds: Feeds) -> tuple[int | None, int]:
-    """(rows, input elements) of a request: rows is the first dimension all its inputs share, None if they don't
-    (or one is rank 0); elements are what a run's cost is estimated from."""
-    rows, elements = None, 0
-    for value in feeds.values():
+def _measure(feeds: Feeds) -> tuple[int | None, int, tuple]:
+    """(rows, input elements, batch key) of a request, in one pass. Rows: the first dimension all its inputs share,
+    None if they don't (or one is rank 0). Elements: what a run's cost is estimated from. Requests batch together
+    only when their keys are equal: every input agrees on dtype (by kind, size and byte order) and on every
+    dimension but the first."""
+    rows, elements, key = None, 0, []
+    for name, value in feeds.items():
         shape = value.shape
         if not shape or (rows is not None and shape[0] != rows):
-            return None, 0
+            return None, 0, ()
         rows = shape[0]
         elements += value.size
-    return (rows if rows else None), elements
-
-
-def _key(feeds: Feeds) -> tuple:
-    """Requests batch together only when every input agrees on dtype and on every dimension but the first."""
-    key = []
-    for name, value in feeds.items():
-        key.append((name, value.dtype, value.shape[1:]))  # dtypes compare by kind, size and byte order
-    return tuple(key)
+        key.append((name, value.dtype, shape[1:]))
+    return (rows if rows else None), elements, tuple(key)
 
 
 # --- whether batching is safe for a model ------------------------------------------------------------------------
