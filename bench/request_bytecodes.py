@@ -28,27 +28,14 @@ def main(k: int = 4) -> None:
     import uvloop
 
     from bench import floor_app, run
+    from bench.asgi_calls import predict_call
 
     body = run.DEMO.body()
     os.environ.update(MODEL_URI=str(run.DEMO.path), EXIT_ON_LOAD_FAILURE_AFTER="-1", METRICS_PORT="9999")
     from service.app import create_app
     from service.settings import load_settings
 
-    headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
-               (b"content-length", str(len(body)).encode())]  # fmt: skip
-    message = {"type": "http.request", "body": body, "more_body": False}
-
-    async def receive() -> dict:
-        return message
-
-    async def send(sent: dict) -> None:
-        if sent["type"] == "http.response.start" and sent["status"] != 200:
-            raise RuntimeError(f"answered {sent['status']}")
-
-    def scope() -> dict:
-        return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                "path": "/predict", "raw_path": b"/predict", "query_string": b"", "headers": headers,
-                "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "scheme": "http"}  # fmt: skip
+    scope, receive, send = predict_call(body)
 
     service = create_app(load_settings(dict(os.environ)))
     service.state.store.start()

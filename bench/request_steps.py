@@ -26,6 +26,7 @@ def main(which: str = "demo") -> None:
     import uvloop
 
     from bench import floor_app, run
+    from bench.asgi_calls import predict_call
 
     model = run.DEMO if which == "demo" else run.mlp()
     body = model.body()
@@ -33,21 +34,7 @@ def main(which: str = "demo") -> None:
     from service.app import create_app
     from service.settings import load_settings
 
-    headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
-               (b"content-length", str(len(body)).encode()), (b"x-api-key", KEY.encode())]  # fmt: skip
-    message = {"type": "http.request", "body": body, "more_body": False}
-
-    async def receive() -> dict:
-        return message
-
-    async def send(sent: dict) -> None:
-        if sent["type"] == "http.response.start" and sent["status"] != 200:
-            raise RuntimeError(f"answered {sent['status']}")
-
-    def scope() -> dict:
-        return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                "path": "/predict", "raw_path": b"/predict", "query_string": b"", "headers": headers,
-                "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "scheme": "http"}  # fmt: skip
+    scope, receive, send = predict_call(body, (b"x-api-key", KEY.encode()))
 
     def service(**env: str) -> Any:
         app = create_app(load_settings({**os.environ, **env}))
