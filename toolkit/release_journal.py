@@ -83,14 +83,29 @@ def unfinished(c: Context, target: str) -> dict | None:
 
 
 def in_flight(entry: dict) -> bool:
-    """The process that runs the release is alive (a release from another machine: not known, so not)."""
+    """The process that runs the release is alive (a release from another machine: not known, so not). Alive
+    means its pid runs and, where the entry recorded it, is the same process: a pid the kernel gave to another
+    process since (after the release died, or after a reboot) is not the release."""
     if entry.get("host") != socket.gethostname():
         return False
     try:
-        os.kill(int(entry.get("pid", 0)), 0)
+        pid = int(entry.get("pid", 0))
+        os.kill(pid, 0)
     except (OSError, ValueError):
         return False
-    return int(entry.get("pid", 0)) > 0
+    recorded = entry.get("process")
+    return pid > 0 and (recorded is None or recorded == process_identity(pid))
+
+
+def process_identity(pid: int) -> str | None:
+    """Which process `pid` is, as no other process can be: this boot's id and the process's start time (in clock
+    ticks since boot, field 22 of /proc/<pid>/stat). None where /proc does not say (not Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    return f"{boot}:{stat[stat.rindex(')') + 2:].split()[19]}"  # after "pid (comm) ", fields from the 3rd
 
 
 def note(c: Context, entry: dict, state: str, detail: str = "", **fields) -> None:
@@ -105,7 +120,7 @@ def begin(c: Context, target: str, model: dict, previous: dict, stable: dict) ->
     """A new journal entry: the release of `model` to `target`, replacing `previous`, from the `stable` state."""
     entry = {"id": f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S%f}-{target}", "target": target,
              "model": model, "previous": previous, "stable": stable, "pid": os.getpid(), "host": socket.gethostname(),
-             "started_at": _now()}
+             "process": process_identity(os.getpid()), "started_at": _now()}
     note(c, entry, "started", f"{model['uri']} to replace {previous.get('uri')}")
     return entry
 

@@ -4,6 +4,8 @@ invoke.yaml, Cloud Monitoring's figures (from its stand-in) and what `status` re
 from __future__ import annotations
 
 import copy
+import socket
+import subprocess
 
 import pytest
 import yaml
@@ -128,3 +130,20 @@ def test_the_status_table_has_one_row_per_revision(capsys):
     assert first.split() == ["svc-00002-m1c", "(m-12)", "10%", "sha256:aaaaaaaaaaaa", "gs://b/v2.onnx", "12",
                              "abababababab", "abc1234"]
     assert "no URL of its own" in second
+
+
+def test_a_release_is_in_flight_only_while_its_own_process_runs_not_a_later_one_with_its_pid():
+    runner = subprocess.Popen(["sleep", "60"])  # stands for the process running a release
+    try:
+        entry = {"host": socket.gethostname(), "pid": runner.pid,
+                 "process": release_journal.process_identity(runner.pid)}  # what `begin` records  # fmt: skip
+        assert entry["process"] and release_journal.in_flight(entry)
+        reused = {**entry, "process": entry["process"].rsplit(":", 1)[0] + ":1"}  # same pid, another start
+        assert not release_journal.in_flight(reused)
+        older = {k: v for k, v in entry.items() if k != "process"}  # a journal from before the field: pid only
+        assert release_journal.in_flight(older)
+        assert not release_journal.in_flight({**entry, "host": "another-machine"})
+    finally:
+        runner.kill()
+        runner.wait()
+    assert not release_journal.in_flight(entry)  # it ended
