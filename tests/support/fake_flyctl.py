@@ -20,6 +20,8 @@ Environment:
   argv, cwd, stdin (for `secrets set NAME=-`) and whether FLY_API_TOKEN / FLY_ACCESS_TOKEN was set (never the value).
 - FAKE_FLY_LOGGED_OUT=1: every command that needs a session fails as flyctl does without a token.
 - FAKE_FLY_DEPLOY_FAIL=MESSAGE: `deploy` records a failed release, leaves the Machines on the old image and exits 1.
+- FAKE_FLY_DEPLOY_FAIL_STRATEGY=NAME: the same, for deploys with `--strategy NAME` only (as when the Machines API
+  refuses an update mid-incident), with flyctl's error for a Machine it could not update.
 
 Run as a script by the `flyctl`/`fly` shims that the `fake_flyctl` fixture writes; the fixture is below `main`.
 """
@@ -288,6 +290,9 @@ class Fly:
         if flags.get("--build-only"):
             return 0
         failure = os.environ.get("FAKE_FLY_DEPLOY_FAIL")
+        if strategy == os.environ.get("FAKE_FLY_DEPLOY_FAIL_STRATEGY"):
+            failure = failure or ("failed to update machine 0e286039f42e86: failed to update VM: request returned "
+                                  "non-2xx status, 503")  # fmt: skip
         release = self._release(app, image, strategy, "complete" if not failure else "failed",
                                 f"Deploy image {image}")
         if failure:
@@ -514,7 +519,7 @@ def install_fake_flyctl(directory: Path) -> FakeFly:
     state_path, log_path = directory / "fly-state.json", directory / "fly-calls.jsonl"
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
            "FAKE_FLY_STATE": str(state_path), "FAKE_FLY_LOG": str(log_path)}
-    for name in ("FAKE_FLY_LOGGED_OUT", "FAKE_FLY_DEPLOY_FAIL"):
+    for name in ("FAKE_FLY_LOGGED_OUT", "FAKE_FLY_DEPLOY_FAIL", "FAKE_FLY_DEPLOY_FAIL_STRATEGY"):
         env.pop(name, None)
     return FakeFly(bin_dir, state_path, log_path, env)
 
@@ -525,6 +530,6 @@ def fake_flyctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fak
     fake = install_fake_flyctl(tmp_path / "fake-flyctl")
     for name in ("PATH", "FAKE_FLY_STATE", "FAKE_FLY_LOG"):
         monkeypatch.setenv(name, fake.env[name])
-    for name in ("FAKE_FLY_LOGGED_OUT", "FAKE_FLY_DEPLOY_FAIL"):
+    for name in ("FAKE_FLY_LOGGED_OUT", "FAKE_FLY_DEPLOY_FAIL", "FAKE_FLY_DEPLOY_FAIL_STRATEGY"):
         monkeypatch.delenv(name, raising=False)
     yield fake

@@ -217,3 +217,30 @@ def test_a_killed_release_is_shown_as_interrupted_and_rollback_finishes_it(fake_
     last = journal(record)[-1]
     assert last["state"] == "rolled_back" and last["events"][-1]["detail"].startswith(f"redeployed {OLD_IMAGE}")
     assert yaml.safe_load(record.read_text())["model"]["uri"] == OLD_MODEL  # never promoted: nothing to rewrite
+
+
+@pytest.mark.slow
+def test_when_going_back_fails_too_the_state_and_the_command_are_printed_and_rollback_finishes_it(
+        fake_flyctl, project, broken, monkeypatch):
+    config, record = project
+    monkeypatch.setenv("FAKE_FLY_DEPLOY_FAIL_STRATEGY", "immediate")  # the way back's deploy is refused
+    result = release(config, broken)
+    assert result.returncode == 1
+    assert len(deploys(fake_flyctl)) == 2  # forward, then the refused way back
+    assert all(env["MODEL_URI"] == NEW_MODEL for env in machine_env(fake_flyctl))  # stuck on the candidate
+    assert "smoke test failed" in result.stderr and "going back failed too:" in result.stderr
+    assert "failed to update machine 0e286039f42e86" in result.stderr
+    assert "finish it with:\n  " in result.stderr and f"--image {OLD_IMAGE}" in result.stderr
+    last = journal(record)[-1]
+    assert last["state"] == "rollback_failed" and "failed to update machine" in last["events"][-1]["detail"]
+
+    monkeypatch.delenv("FAKE_FLY_DEPLOY_FAIL_STRATEGY")  # the platform answers again
+    status = invoke("-f", str(record), "status", "--target", "fly", **config, fly_url="http://127.0.0.1:9")
+    assert status.returncode == 0, status.stderr
+    assert "interrupted at rollback_failed" in status.stdout
+    assert f"finish it: `invoke rollback --target fly` ({OLD_IMAGE} with {OLD_MODEL} again)" in status.stdout
+    back = invoke("-f", str(record), "rollback", "--target", "fly", **config)
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert all(env == SERVING_ENV for env in machine_env(fake_flyctl))
+    assert journal(record)[-1]["state"] == "rolled_back"
+    assert yaml.safe_load(record.read_text())["model"]["uri"] == OLD_MODEL
