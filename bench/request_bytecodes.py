@@ -31,7 +31,10 @@ def main(k: int = 4) -> None:
     from bench.asgi_calls import predict_call
 
     body = run.DEMO.body()
-    os.environ.update(MODEL_URI=str(run.DEMO.path), EXIT_ON_LOAD_FAILURE_AFTER="-1", METRICS_PORT="9999")
+    # Metrics on, as deployed; their flush (every 0.1 s by default, for thousands of requests) out of the count, so
+    # that the count is the same on every run.
+    os.environ.update(MODEL_URI=str(run.DEMO.path), EXIT_ON_LOAD_FAILURE_AFTER="-1", METRICS_PORT="9999",
+                      METRICS_FLUSH_SECONDS="60")  # fmt: skip
     from service.app import create_app
     from service.settings import load_settings
 

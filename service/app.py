@@ -18,6 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
+import numpy as np
 import orjson
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
@@ -330,12 +331,11 @@ class Endpoint:
 
 
 def _output_bytes(values: list) -> int:
-    """The outputs' bytes, counting anything but an array (skl2onnx's lists of maps) as too large to encode on
-    the loop."""
+    """The outputs' bytes, counting anything but an array (skl2onnx's lists of maps) as INLINE_OUTPUT_BYTES."""
     try:
         return sum(map(_NBYTES, values))
-    except AttributeError:  # not an array
-        return INLINE_OUTPUT_BYTES + 1
+    except AttributeError:  # not all arrays: the slower count
+        return sum(v.nbytes if isinstance(v, np.ndarray) else INLINE_OUTPUT_BYTES for v in values)
 
 
 _NBYTES = operator.attrgetter("nbytes")

@@ -51,13 +51,13 @@ def decode_inputs(body: bytes, specs: Sequence[TensorSpec], *, shared_dims: bool
         raise BadRequest(f"\"inputs\" must be an object mapping input names {_names(specs)} to nested lists")
     if len(inputs) != len(specs):
         raise _misnamed(inputs, specs)
+    try:
+        values = [inputs[spec.name] for spec in specs]  # every name checked before any value is
+    except KeyError:  # as many inputs as the model's, but not all of its names
+        raise _misnamed(inputs, specs) from None
     tensors = {}
     may_hold_booleans = None  # whether the body has a true or false anywhere: looked up once, if ever needed
-    for spec in specs:
-        try:
-            value = inputs[spec.name]
-        except KeyError:  # as many inputs as the model's, but not all of its names
-            raise _misnamed(inputs, specs) from None
+    for spec, value in zip(specs, values):
         array = _plain_numbers(value, spec.dtype)
         if array is None:
             if may_hold_booleans is None:
@@ -187,7 +187,8 @@ def _to_float(array: np.ndarray, spec: TensorSpec, target: np.dtype) -> np.ndarr
     squares (one pass, no temporary) under limit² clears every value at once; only above it are they looked at."""
     if target.itemsize < array.dtype.itemsize and array.size:
         limit = _ROUNDS_TO_INF[target.itemsize]
-        if not np.vdot(array, array) < limit * limit and max(array.max(), -array.min()) >= limit:
+        checked = array if array.dtype.kind == "f" else array.astype(np.float64)  # int64 squares would wrap
+        if not np.vdot(checked, checked) < limit * limit and max(checked.max(), -checked.min()) >= limit:
             info = np.finfo(target)
             raise _out_of_range(spec, float(info.min), float(info.max), array[np.abs(array) >= limit].flat[0])
     return array.astype(target, copy=False)

@@ -233,11 +233,17 @@ class Scheduler:
             self.busy = False
             return
         started = time.perf_counter()
-        if self._cheap(sum(p.elements for p in batch)):
-            self._finish(loop, batch, self._run_batch(batch), started)
-            return
-        future = loop.run_in_executor(self.executor, self._run_batch, batch)
-        future.add_done_callback(lambda f: self._finish(loop, batch, _results(f, len(batch)), started))
+        results = None
+        try:
+            if self._cheap(sum(p.elements for p in batch)):
+                results = self._run_batch(batch)
+            else:
+                future = loop.run_in_executor(self.executor, self._run_batch, batch)
+                future.add_done_callback(lambda f: self._finish(loop, batch, _results(f, len(batch)), started))
+        except Exception as exc:  # the batch itself failed, not one request's input: fail them all, go on
+            results = [(None, exc)] * len(batch)
+        if results is not None:
+            self._finish(loop, batch, results, started)
 
     def _cheap(self, elements: int) -> bool:
         """Whether a run of this many input elements is estimated cheaper than a hop to the pool, so it runs on
@@ -291,7 +297,10 @@ class Scheduler:
         except Exception as exc:
             return False, exc
 
-    def _finish(self, loop, batch: list[_Pending], results: list[tuple[bool, Any]], started: float) -> None:
+    def _finish(self, loop, batch: list[_Pending], results: list[tuple[bool | None, Any]], started: float) -> None:
+        """Hand each request of the batch its outputs, or its error: (True, outputs), (False, the model's error
+        on its input: ModelRejected) or (None, an error of the batch's own, raised as it is: a 500), then start
+        the next batch. Whatever happened, every future is done and the runner goes on."""
         self._count(sum(p.rows for p in batch), len(batch), time.perf_counter() - started)
         for pending, (ok, value) in zip(batch, results):
             if pending.future.done():  # a client that went away
@@ -299,7 +308,7 @@ class Scheduler:
             if ok:
                 pending.future.set_result(value)
             else:
-                pending.future.set_exception(ModelRejected(value))
+                pending.future.set_exception(ModelRejected(value) if ok is False else value)
         self._release(loop)
 
     async def _run_alone(self, loop: asyncio.AbstractEventLoop, feeds: Feeds) -> list[Any]:
@@ -322,9 +331,12 @@ class Scheduler:
             self.observer.batch(rows, requests, seconds)
 
 
-def _results(future: asyncio.Future, count: int) -> list[tuple[bool, Any]]:
+def _results(future: asyncio.Future, count: int) -> list[tuple[bool | None, Any]]:
     if future.cancelled():  # the pool shut down under it (worker exit)
         return [(False, RuntimeError("the worker is shutting down"))] * count
+    error = future.exception()
+    if error is not None:  # the batch itself failed in the pool (see `_finish`)
+        return [(None, error)] * count
     return future.result()
 
 

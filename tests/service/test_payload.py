@@ -194,7 +194,7 @@ def test_the_short_path_gives_the_general_paths_array(ort_type, value):
         ("float", [[[1.0]]]),  # rank 3: the general path
         ("float", [[]]),  # no values
         ("float", [2**53]),  # an integer a float32 might round differently through float64
-        ("float", [1e39]),  # past float32's range
+        ("float", [1e39]),  # above 2**53 (the general path refuses it: past float32's range)
         ("float16", [[65520.0]]),  # rounds to infinity in float16
         ("float", [0.5] * 65),  # more than PLAIN_VALUES
         ("int64", [[1, 2]]),  # not a float input
@@ -217,3 +217,15 @@ def test_a_predict_body_the_short_path_leaves_is_refused_as_before(value, messag
     body = orjson.dumps({"inputs": {"x": value}})
     with pytest.raises(BadRequest, match=message):
         decode_inputs(body, [spec("float", ("N", 2))])
+
+
+@pytest.mark.parametrize("value", [[[4294967296]], [[4294967296, 4294967296]], [[65520]]])
+def test_integers_past_float16s_range_are_refused_not_turned_into_infinity(value):
+    with pytest.raises(BadRequest, match="outside the float16 range"):
+        json_to_array(value, spec("float16", ("N", "?")))
+
+
+def test_names_are_checked_before_any_value():
+    two = [spec("float", ("N", 2), "a"), spec("float", ("N", 2), "b")]
+    with pytest.raises(BadRequest, match="unknown input 'c'"):  # not "input 'a' holds strings"
+        decode_inputs(orjson.dumps({"inputs": {"a": [["s", 1.0]], "c": [[1.0, 2.0]]}}), two)

@@ -99,3 +99,27 @@ def test_the_last_to_arrive_with_a_different_shape_waits_for_the_next_batch():
         assert (scheduler.runs, scheduler.busy) == (2, False)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("cheap", [True, False], ids=["on the loop", "in the pool"])
+def test_a_batch_that_fails_on_its_own_fails_each_request_and_the_runner_goes_on(cheap):
+    """A runner whose outputs have no row per request cannot be split: an error of the batch, not of anyone's
+    input. Every request of it gets the error (a 500, not the model's 4xx), none waits forever, and the next
+    requests are served."""
+
+    def scalar_output(feeds):
+        return [np.float32(feeds["x"].sum())]  # rank 0: nothing to split by rows
+
+    policy = CHEAP if cheap else BatchPolicy(True, "on", max_rows=64)
+
+    async def scenario():
+        scheduler = Scheduler(scalar_output, ThreadPoolExecutor(1), policy, in_flight=lambda: 2)
+        futures = [scheduler.enqueue({"x": np.ones((1, 2), np.float32)}) for _ in range(2)]
+        outcomes = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 5)
+        assert all(isinstance(o, Exception) and not isinstance(o, ModelRejected) for o in outcomes)
+        assert not scheduler.busy and scheduler.depth == 0
+        scheduler.runner = doubled  # the next requests find the runner free
+        again = [scheduler.enqueue({"x": np.ones((1, 2), np.float32)}) for _ in range(2)]
+        assert [(await asyncio.wait_for(f, 5))[0].tolist() for f in again] == [[[2.0, 2.0]]] * 2
+
+    asyncio.run(scenario())
