@@ -201,8 +201,6 @@ class NativeProtocol:
         self.store = store
         self.shared_dims = store.settings.check_shared_dims
 
-    routes = False  # one path, nothing in it to check: `route_error` is not called
-
     def route_error(self, scope: dict) -> tuple[int, str] | None:
         return None
 
@@ -240,13 +238,12 @@ class Endpoint:
     async def handle(self, scope: dict, receive: Any, send: Any, headers: dict[bytes, bytes]) -> tuple[int, int]:
         """Answer the request; returns (status, body bytes) for the access log."""
         protocol = self.protocol
-        if protocol.routes or self.store.status.state is not LoadState.READY:
-            unavailable = self.store.unavailable()
-            refused = (protocol.routes and protocol.route_error(scope)) or (unavailable and (503, unavailable))
-            if refused:
-                status, message = refused
-                extra = [(b"retry-after", RETRY_AFTER_SECONDS.encode())] if status == 503 else []
-                return await _send(send, *protocol.error(message, status), [JSON_CONTENT, *extra])
+        unavailable = self.store.unavailable()
+        refused = protocol.route_error(scope) or (unavailable and (503, unavailable))
+        if refused:
+            status, message = refused
+            extra = [(b"retry-after", RETRY_AFTER_SECONDS.encode())] if status == 503 else []
+            return await _send(send, *protocol.error(message, status), [JSON_CONTENT, *extra])
         held = 0  # bytes of the memory budget this request holds (service/memory.py)
         try:
             declared = headers.get(b"content-length")
@@ -255,10 +252,9 @@ class Endpoint:
                 if length > self.max_body_bytes:
                     raise BadRequest(f"request body of {length} bytes is over the {self.max_body_bytes}-byte limit "
                                      "(MAX_BODY_BYTES)", 413)  # fmt: skip
-                if self.budget.total is not None:  # a budget (service/memory.py): admitted before a byte is read
-                    cost = request_cost(length)
-                    taken = self.budget.take_now(cost)  # no await when it fits
-                    held = taken if taken is not None else await self.budget.admit(cost)
+                cost = request_cost(length)
+                taken = self.budget.take_now(cost)  # before a byte of the body is read; no await when it fits
+                held = taken if taken is not None else await self.budget.admit(cost)
             message = await receive()  # the whole body in one message: every body the server has whole
             if message["type"] == "http.request" and not message.get("more_body", False):
                 body = message.get("body", b"")

@@ -96,8 +96,6 @@ class InferProtocol:
         self.store, self.served = store, settings.served_name
         self.shared_dims = settings.check_shared_dims
 
-    routes = True  # the model name and version in the path: checked by `route_error`
-
     def route_error(self, scope: dict) -> tuple[int, str] | None:
         parts = scope["path"].split("/")  # "", "v2", "models", name, ["versions", version,] "infer"
         if len(parts) == 5:

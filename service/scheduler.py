@@ -58,8 +58,8 @@ class BatchPolicy:
     per_element_seconds: float | None = None
 
     def __post_init__(self) -> None:
-        # Runs of fewer input elements than this are estimated under INLINE_RUN_SECONDS: worked out once, not per
-        # request (see `estimate`).
+        # Runs of fewer input elements than this are estimated (fixed + per_element * elements) under
+        # INLINE_RUN_SECONDS: worked out once, not per request.
         if self.fixed_seconds is None or self.per_element_seconds is None or self.fixed_seconds >= INLINE_RUN_SECONDS:
             limit = 0.0
         elif self.per_element_seconds <= 0:
@@ -67,11 +67,6 @@ class BatchPolicy:
         else:
             limit = (INLINE_RUN_SECONDS - self.fixed_seconds) / self.per_element_seconds
         object.__setattr__(self, "inline_elements", limit)
-
-    def estimate(self, elements: int) -> float | None:
-        if self.fixed_seconds is None or self.per_element_seconds is None:
-            return None
-        return self.fixed_seconds + self.per_element_seconds * elements
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -160,7 +155,7 @@ class Scheduler:
         if others is None or others > 1:
             return None
         rows, elements, _ = _measure(feeds)
-        if not rows or elements >= policy.inline_elements:  # type: ignore[attr-defined]
+        if not rows or not self._cheap(elements):
             return None
         started = time.perf_counter()
         try:
@@ -250,16 +245,13 @@ class Scheduler:
         the event loop."""
         return elements < self.policy.inline_elements  # type: ignore[attr-defined]
 
-    def _take(self, first: _Pending | None = None) -> list[_Pending]:
-        """Queued requests for the next batch: `first` (default: the oldest queued) and every queued request of
-        the same shape after it, up to max_rows rows in all. Returns those taken from the queue."""
+    def _take(self) -> list[_Pending]:
+        """Queued requests for the next batch: the oldest queued and every queued request of the same shape after
+        it, up to max_rows rows in all. Returns those taken from the queue."""
         if not self.queue:
             return []
-        if first is None:
-            first = self.queue.popleft()
-            taken = [first]
-        else:
-            taken = []
+        first = self.queue.popleft()
+        taken = [first]
         rows = first.rows
         if self.queue and rows < self.policy.max_rows:
             kept: deque[_Pending] = deque()
