@@ -131,6 +131,9 @@ class ModelStore:
         # batching self-test): (step name shown on /health, callable). They must not raise.
         self.after_load: list[tuple[str, Callable[[], None]]] = []
         self._fetching: tuple[float, Future] | None = None  # a download begun early (fetch_early): start, result
+        # What `run` calls, once the session is open (`session_runner`): run(output names, feeds, None).
+        self._run: Callable[[list[str] | None, dict[str, np.ndarray], Any], list[Any]] = _not_loaded
+        self._output_names: list[str] | None = None
 
     @property
     def ready(self) -> bool:
@@ -202,6 +205,7 @@ class ModelStore:
                 status.warnings.append(warning)
                 log.warning(warning, extra={"model_uri": self.source.uri})
             self.session = session
+            self._run, self._output_names = session_runner(session, self.example)
             for step, hook in self.after_load:
                 status.step = step
                 hook()
@@ -235,8 +239,8 @@ class ModelStore:
         return download_from_gcs(self.source, self.settings, self.status)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[Any]:
-        assert self.session is not None, "run() before the model is ready"
-        return self.session.run(None, feeds)
+        """Every output of the model for `feeds`: the request path's one call into onnxruntime."""
+        return self._run(self._output_names, feeds, None)
 
     def health(self) -> dict[str, Any]:
         s = self.status
@@ -555,6 +559,41 @@ class _locked:
     def __exit__(self, *exc: object) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
+
+
+def _not_loaded(names: Any, feeds: Any, options: Any) -> list[Any]:
+    raise RuntimeError("run() before the model is ready")
+
+
+def session_runner(session: onnxruntime.InferenceSession, example: dict[str, np.ndarray] | None) -> tuple[
+    Callable[[list[str] | None, dict[str, np.ndarray], Any], list[Any]], list[str] | None
+]:
+    """(run, output names) such that `run(names, feeds, None)` is `session.run(None, feeds)`, for the request path.
+
+    Where it can, without the Python wrapper's per-call steps, which have nothing to do here: it checks that no
+    input is missing (every codec has, naming the input), that feeds are not another session's OrtValues (they
+    are numpy arrays), WebGPU graph capture and an execution provider's fallback (the session is CPU only), then
+    calls its C++ session's `run`. That is about 90 Python bytecodes a call, 1-2 microseconds on a request path
+    (docs/benchmarks.md). The wrapper is kept if this onnxruntime has no such C++ session, or if its `run` does
+    not give the same outputs for `example` (an input the model ran at warm-up; without one, the wrapper)."""
+    inner = getattr(session, "_sess", None)
+    direct = getattr(inner, "run", None)
+    if direct is None or example is None or session.get_providers() != ["CPUExecutionProvider"]:
+        return session.run, None
+    names = [output.name for output in session.get_outputs()]
+    try:
+        same = _same_outputs(direct(names, example, None), session.run(None, example))
+    except Exception:  # not the (output names, feeds, run options) this was written against
+        same = False
+    return (direct, names) if same else (session.run, None)
+
+
+def _same_outputs(got: list[Any], expected: list[Any]) -> bool:
+    return len(got) == len(expected) and all(
+        isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape and a.dtype == b.dtype
+        or not isinstance(a, np.ndarray) and type(a) is type(b)
+        for a, b in zip(got, expected)
+    )
 
 
 def open_session(path: Path, settings: Settings, external_data: bool = False) -> onnxruntime.InferenceSession:

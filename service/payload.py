@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import operator
 import re
 import sys
 from typing import Any, Sequence
@@ -282,7 +283,7 @@ _ORT_NOISE = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : |/onnxruntime_src/\
 
 def encode_outputs(specs: Sequence[TensorSpec], values: Sequence[Any]) -> bytes:
     """{"outputs": {name: value}}: numbers, booleans, strings, and skl2onnx's lists of {label: probability}."""
-    outputs = {spec.name: value for spec, value in zip(specs, values)}
+    outputs = dict(zip(map(_NAME, specs), values))
     try:
         return orjson.dumps({"outputs": outputs}, option=_ENCODE_OPTIONS)
     except TypeError:  # string (object) arrays, rank 0, non-contiguous: numpy types orjson does not take natively
@@ -290,6 +291,7 @@ def encode_outputs(specs: Sequence[TensorSpec], values: Sequence[Any]) -> bytes:
 
 
 _ENCODE_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+_NAME = operator.attrgetter("name")
 
 
 def _strings(value: Any, spec: TensorSpec) -> np.ndarray:

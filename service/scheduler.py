@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import logging
+import operator
 import time
 from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -77,17 +79,18 @@ class BatchPolicy:
         }
 
 
-class _Pending:
-    """One request waiting for a batch: its feeds, rows, input elements and batch key (`_measure`), and the
-    future of its outputs."""
+class _Pending(NamedTuple):
+    """One request waiting for a batch: its feeds, rows, input elements and batch key (`_measure`), the future of
+    its outputs, the context to run it in and when it queued (for the opt-in delay). A tuple: the cheapest object
+    Python makes, once per request."""
 
-    __slots__ = ("feeds", "rows", "elements", "key", "future", "context", "queued_at")
-
-    def __init__(self, feeds: Feeds, measured: tuple[int, int, tuple], future: asyncio.Future,
-                 context: contextvars.Context | None, queued_at: float):
-        self.feeds = feeds
-        self.rows, self.elements, self.key = measured
-        self.future, self.context, self.queued_at = future, context, queued_at
+    feeds: Feeds
+    rows: int
+    elements: int
+    key: tuple
+    future: asyncio.Future
+    context: contextvars.Context | None
+    queued_at: float
 
 
 class Scheduler:
@@ -103,6 +106,9 @@ class Scheduler:
         # The worker's requests begun and not answered (service/worker.py), None if unknown; optional.
         self.in_flight = in_flight
         self.queue: deque[_Pending] = deque()
+        # Whether a request of another batch key than the oldest's has queued since the queue was last empty:
+        # until one has, the next batch is everything queued (when it fits in max_rows), with no search.
+        self.mixed = False
         self.busy = False  # a batch is running (or scheduled to run) now
         self._timer: asyncio.Handle | None = None  # the armed dispatch, until it runs
         # What this worker's scheduler has done, for /health: runs, requests, the largest batch.
@@ -184,18 +190,21 @@ class Scheduler:
         policy = self.policy
         if not policy.enabled:
             return None
-        measured = _measure(feeds)
-        if measured[0] is None:
+        rows, elements, key = _measure(feeds)
+        if rows is None:
             return None
         loop = asyncio.get_running_loop()
         queued_at = time.perf_counter() if policy.delay else 0.0  # what the opt-in delay counts from
-        pending = _Pending(feeds, measured, loop.create_future(), contextvars.copy_context(), queued_at)
-        self.queue.append(pending)
+        pending = _Pending(feeds, rows, elements, key, loop.create_future(), contextvars.copy_context(), queued_at)
+        queue = self.queue
+        if queue and key != queue[0].key:
+            self.mixed = True
+        queue.append(pending)
         if not self.busy:
             self._arm(loop)
         if policy.delay == 0 and self._timer is not None and self.in_flight is not None:
             begun = self.in_flight()  # the requests the worker has begun and not answered
-            if begun is not None and len(self.queue) >= begun:
+            if begun is not None and len(queue) >= begun:
                 # Every request the worker has begun is queued: no one else can join this batch before the armed
                 # turn, so the last to arrive runs it now (on the loop if cheap: then its own answer is ready, no
                 # suspension) instead of every request waiting a loop turn for it.
@@ -223,49 +232,58 @@ class Scheduler:
 
     def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None
-        batch = self._take()
+        batch, rows, elements = self._take()
         if not batch:
             self.busy = False
             return
         started = time.perf_counter()
         results = None
         try:
-            if self._cheap(sum(p.elements for p in batch)):
-                results = self._run_batch(batch)
+            if self._cheap(elements):
+                results = self._run_batch(batch, rows)
             else:
-                future = loop.run_in_executor(self.executor, self._run_batch, batch)
-                future.add_done_callback(lambda f: self._finish(loop, batch, _results(f, len(batch)), started))
+                future = loop.run_in_executor(self.executor, self._run_batch, batch, rows)
+                future.add_done_callback(lambda f: self._finish(loop, batch, rows, _results(f, len(batch)), started))
         except Exception as exc:  # the batch itself failed, not one request's input: fail them all, go on
             results = [(None, exc)] * len(batch)
         if results is not None:
-            self._finish(loop, batch, results, started)
+            self._finish(loop, batch, rows, results, started)
 
     def _cheap(self, elements: int) -> bool:
         """Whether a run of this many input elements is estimated cheaper than a hop to the pool, so it runs on
         the event loop."""
         return elements < self.policy.inline_elements  # type: ignore[attr-defined]
 
-    def _take(self) -> list[_Pending]:
+    def _take(self) -> tuple[list[_Pending], int, int]:
         """Queued requests for the next batch: the oldest queued and every queued request of the same shape after
-        it, up to max_rows rows in all. Returns those taken from the queue."""
-        if not self.queue:
-            return []
-        first = self.queue.popleft()
+        it, up to max_rows rows in all. Returns (those taken from the queue, their rows, their input elements)."""
+        queue = self.queue
+        if not queue:
+            return [], 0, 0
+        if not self.mixed:  # every request queued has one key: all of them, if they fit
+            rows = sum(map(_ROWS, queue))
+            if rows <= self.policy.max_rows:
+                taken = list(queue)
+                queue.clear()
+                return taken, rows, sum(map(_ELEMENTS, taken))
+        first = queue.popleft()
         taken = [first]
-        rows = first.rows
-        if self.queue and rows < self.policy.max_rows:
+        rows, elements = first.rows, first.elements
+        if queue and rows < self.policy.max_rows:
             kept: deque[_Pending] = deque()
-            while self.queue:
-                pending = self.queue.popleft()
+            while queue:
+                pending = queue.popleft()
                 if pending.key == first.key and rows + pending.rows <= self.policy.max_rows:
                     taken.append(pending)
                     rows += pending.rows
+                    elements += pending.elements
                 else:
                     kept.append(pending)
-            self.queue = kept
-        return taken
+            self.queue = queue = kept
+        self.mixed = bool(queue) and any(p.key != queue[0].key for p in queue)
+        return taken, rows, elements
 
-    def _run_batch(self, batch: list[_Pending]) -> list[tuple[bool, Any]]:
+    def _run_batch(self, batch: list[_Pending], rows: int) -> list[tuple[bool, Any]]:
         """(ok, outputs or error) for each request of the batch; one request's bad input never fails another."""
         if len(batch) == 1:
             return [self._run_one(batch[0])]
@@ -274,6 +292,13 @@ class Scheduler:
             outputs = self.runner(feeds)
         except Exception:  # someone's input made the model fail: find whose, by running each alone
             return [self._run_one(p) for p in batch]
+        if rows == len(batch):  # a row each (the usual batch): each output's rows as (1, ...) views, in C
+            try:
+                results = list(zip(itertools.repeat(True), map(list, zip(*[value[:, None] for value in outputs]))))
+            except (TypeError, IndexError):  # an output that is not an array with rows: sliced below
+                results = []
+            if len(results) == rows:  # (an output with fewer rows than the batch is sliced below too)
+                return results
         results, start = [], 0
         for pending in batch:
             end = start + pending.rows
@@ -289,11 +314,12 @@ class Scheduler:
         except Exception as exc:
             return False, exc
 
-    def _finish(self, loop, batch: list[_Pending], results: list[tuple[bool | None, Any]], started: float) -> None:
+    def _finish(self, loop, batch: list[_Pending], rows: int, results: list[tuple[bool | None, Any]],
+                started: float) -> None:
         """Hand each request of the batch its outputs, or its error: (True, outputs), (False, the model's error
         on its input: ModelRejected) or (None, an error of the batch's own, raised as it is: a 500), then start
         the next batch. Whatever happened, every future is done and the runner goes on."""
-        self._count(sum(p.rows for p in batch), len(batch), time.perf_counter() - started)
+        self._count(rows, len(batch), time.perf_counter() - started)
         for pending, (ok, value) in zip(batch, results):
             if pending.future.done():  # a client that went away
                 continue
@@ -321,6 +347,9 @@ class Scheduler:
         self.largest_requests = max(self.largest_requests, requests)
         if self.observer is not None:
             self.observer.batch(rows, requests, seconds)
+
+
+_ROWS, _ELEMENTS = operator.attrgetter("rows"), operator.attrgetter("elements")
 
 
 def _results(future: asyncio.Future, count: int) -> list[tuple[bool | None, Any]]:

@@ -123,3 +123,69 @@ def test_a_batch_that_fails_on_its_own_fails_each_request_and_the_runner_goes_on
         assert [(await asyncio.wait_for(f, 5))[0].tolist() for f in again] == [[[2.0, 2.0]]] * 2
 
     asyncio.run(scenario())
+
+
+def test_requests_of_another_shape_queued_between_leave_the_batch_to_the_oldest_shape_and_run_next():
+    """Three requests queued: float32, float64, float32. The batch is the oldest's shape (the two float32 ones);
+    the float64 one runs in the batch after it. Every request gets its own rows back."""
+
+    async def scenario():
+        runs = []
+
+        def runner(feeds):
+            runs.append((feeds["x"].dtype.name, feeds["x"].shape[0]))
+            return doubled(feeds)
+
+        scheduler = Scheduler(runner, ThreadPoolExecutor(1), CHEAP, in_flight=lambda: 3)
+        futures = [scheduler.enqueue({"x": np.full((1, 2), i, dtype)})
+                   for i, dtype in enumerate([np.float32, np.float64, np.float32])]  # fmt: skip
+        answers = await asyncio.wait_for(asyncio.gather(*futures), 5)
+        assert runs == [("float32", 2), ("float64", 1)]
+        assert [a[0].tolist() for a in answers] == [[[0.0, 0.0]], [[2.0, 2.0]], [[4.0, 4.0]]]
+        assert [a[0].dtype for a in answers] == [np.float32, np.float64, np.float32]
+        assert (scheduler.busy, scheduler.depth, scheduler.mixed) == (False, 0, False)
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_holds_at_most_max_rows_and_the_rest_runs_next():
+    async def scenario():
+        runs = []
+
+        def runner(feeds):
+            runs.append(feeds["x"].shape[0])
+            return doubled(feeds)
+
+        policy = BatchPolicy(True, "on", max_rows=4, fixed_seconds=1e-6, per_element_seconds=1e-9)
+        scheduler = Scheduler(runner, ThreadPoolExecutor(1), policy, in_flight=lambda: 3)
+        futures = [scheduler.enqueue({"x": np.full((rows, 2), rows, np.float32)}) for rows in (2, 1, 3)]
+        answers = await asyncio.wait_for(asyncio.gather(*futures), 5)
+        assert runs == [3, 3]  # 2 + 1 rows, then the 3 that would have made 6
+        assert [a[0].tolist() for a in answers] == [[[4.0, 4.0]] * 2, [[2.0, 2.0]], [[6.0, 6.0]] * 3]
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "outputs",
+    [
+        lambda x: [x * 2, (x * 3)[:, :1]],  # two outputs, a row each per request: split without slicing
+        lambda x: [list(x * 2)],  # a list, not an array (BATCHING=on forced): sliced as a list
+        lambda x: [(x * 2)[:1]],  # fewer rows than the batch (BATCHING=on forced): sliced, no one waits forever
+    ],
+    ids=["arrays", "a list", "fewer rows"],
+)
+def test_outputs_are_split_back_by_request_whatever_their_form(outputs):
+    async def scenario():
+        scheduler = Scheduler(lambda feeds: outputs(feeds["x"]), ThreadPoolExecutor(1), CHEAP, in_flight=lambda: 3)
+        feeds = [np.full((1, 2), i, np.float32) for i in range(3)]
+        futures = [scheduler.enqueue({"x": x}) for x in feeds]
+        answers = await asyncio.wait_for(asyncio.gather(*futures), 5)
+        whole = outputs(np.concatenate(feeds))
+        for i, answer in enumerate(answers):  # request i gets rows i:i+1 of every output, in its form
+            assert len(answer) == len(whole)
+            for got, expected in zip(answer, whole):
+                assert np.asarray(got).tolist() == np.asarray(expected[i : i + 1]).tolist()
+        assert not scheduler.busy
+
+    asyncio.run(scenario())
