@@ -281,8 +281,8 @@ class Endpoint:
                 scheduler = self.scheduler
                 values = scheduler.run_now_if_alone(feeds)
                 if values is None:
-                    future = scheduler.enqueue(feeds)  # no coroutine of the scheduler's for a batchable request
-                    values = await (future if future is not None else scheduler.submit(feeds))
+                    pending = scheduler.enqueue(feeds)
+                    values = await (scheduler.outputs(pending) if pending is not None else scheduler.submit(feeds))
             except ModelRejected as exc:  # onnxruntime's own checks: dimensions that must agree, value ranges, ...
                 raise rejected_by_model(exc.cause, self.store.inputs, feeds) from None
             if _output_bytes(values) > INLINE_OUTPUT_BYTES:

@@ -24,10 +24,11 @@ import itertools
 import logging
 import operator
 import time
+import types
 from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -79,18 +80,24 @@ class BatchPolicy:
         }
 
 
-class _Pending(NamedTuple):
-    """One request waiting for a batch: its feeds, rows, input elements and batch key (`_measure`), the future of
-    its outputs, the context to run it in and when it queued (for the opt-in delay). A tuple: the cheapest object
-    Python makes, once per request."""
+class Pending:
+    """One request queued for a batch (`Scheduler.enqueue`): its feeds, rows, input elements and batch key
+    (`_measure`), the context to run it in and when it queued (for the opt-in delay); then its outcome, which
+    `Scheduler.outputs` waits for.
 
-    feeds: Feeds
-    rows: int
-    elements: int
-    key: tuple
-    future: asyncio.Future
-    context: contextvars.Context | None
-    queued_at: float
+    The outcome is (True, outputs), (False, the model's error on this request's input) or (None, an error of the
+    batch's own). A batch that runs on the event loop sets it before the request's task runs again, so the request
+    waits with a bare yield, not a future: a future and its done-callback cost more than the rest of the batching
+    (docs/benchmarks.md). A `future` is made only for a batch that may run in the pool or after a delay, or, on
+    demand, for a request still waiting after one turn."""
+
+    __slots__ = ("feeds", "rows", "elements", "key", "context", "queued_at", "outcome", "future")
+
+    def __init__(self, feeds: Feeds, rows: int, elements: int, key: tuple, context: contextvars.Context | None,
+                 queued_at: float, future: asyncio.Future | None):
+        self.feeds, self.rows, self.elements, self.key = feeds, rows, elements, key
+        self.context, self.queued_at, self.future = context, queued_at, future
+        self.outcome: tuple[bool | None, Any] | None = None
 
 
 class Scheduler:
@@ -105,7 +112,7 @@ class Scheduler:
         self.observer = observer  # metrics: .batch(rows, requests, seconds); optional (it reads `depth` itself)
         # The worker's requests begun and not answered (service/worker.py), None if unknown; optional.
         self.in_flight = in_flight
-        self.queue: deque[_Pending] = deque()
+        self.queue: deque[Pending] = deque()
         # Whether a request of another batch key than the oldest's has queued since the queue was last empty:
         # until one has, the next batch is everything queued (when it fits in max_rows), with no search.
         self.mixed = False
@@ -173,14 +180,31 @@ class Scheduler:
 
     async def submit(self, feeds: Feeds) -> list[Any]:
         """The model's outputs for `feeds`, run alone or as part of a batch; raises ModelRejected."""
-        future = self.enqueue(feeds)
-        if future is None:  # not batchable: run it alone, several at once in the pool as before
+        pending = self.enqueue(feeds)
+        if pending is None:  # not batchable: run it alone, several at once in the pool as before
             return await self._run_alone(asyncio.get_running_loop(), feeds)
-        return await future
+        return await self.outputs(pending)
 
-    def enqueue(self, feeds: Feeds) -> asyncio.Future | None:
-        """`submit` for a request that can share a batch, without a coroutine of its own: the future of its
-        outputs, done already when it ran at once (await it; it raises ModelRejected). None for a request that
+    async def outputs(self, pending: Pending) -> list[Any]:
+        """The outputs of a request `enqueue` queued, once its batch has run; raises ModelRejected for the model's
+        refusal of its input, or the batch's own error as it is."""
+        outcome = pending.outcome
+        if outcome is None:
+            if pending.future is None:  # its batch runs on the loop: in this turn, or first thing in the next
+                await _next_turn()
+                outcome = pending.outcome
+            if outcome is None:  # still queued (behind another batch, or one in the pool): wait on a future
+                if pending.future is None:
+                    pending.future = asyncio.get_running_loop().create_future()
+                return await pending.future
+        ok, value = outcome
+        if ok:
+            return value
+        raise ModelRejected(value) if ok is False else value
+
+    def enqueue(self, feeds: Feeds) -> Pending | None:
+        """`submit` for a request that can share a batch, without a coroutine of its own: the request, queued,
+        whose outputs `outputs` gives (its outcome is set already when it ran at once). None for a request that
         cannot be batched: `submit` runs it.
 
         It joins the queue; the first to find the runner idle arms the next batch for the next loop turn, so that
@@ -195,7 +219,9 @@ class Scheduler:
             return None
         loop = asyncio.get_running_loop()
         queued_at = time.perf_counter() if policy.delay else 0.0  # what the opt-in delay counts from
-        pending = _Pending(feeds, rows, elements, key, loop.create_future(), contextvars.copy_context(), queued_at)
+        # A future from the start only where the batch may run in the pool or wait for the delay.
+        future = loop.create_future() if policy.delay or not self._cheap(elements) else None
+        pending = Pending(feeds, rows, elements, key, contextvars.copy_context(), queued_at, future)
         queue = self.queue
         if queue and key != queue[0].key:
             self.mixed = True
@@ -210,7 +236,7 @@ class Scheduler:
                 # suspension) instead of every request waiting a loop turn for it.
                 self._timer.cancel()
                 self._dispatch(loop)
-        return pending.future
+        return pending
 
     def _release(self, loop: asyncio.AbstractEventLoop) -> None:
         """The running batch is done: start the next one if anything queued meanwhile."""
@@ -254,7 +280,7 @@ class Scheduler:
         the event loop."""
         return elements < self.policy.inline_elements  # type: ignore[attr-defined]
 
-    def _take(self) -> tuple[list[_Pending], int, int]:
+    def _take(self) -> tuple[list[Pending], int, int]:
         """Queued requests for the next batch: the oldest queued and every queued request of the same shape after
         it, up to max_rows rows in all. Returns (those taken from the queue, their rows, their input elements)."""
         queue = self.queue
@@ -270,7 +296,7 @@ class Scheduler:
         taken = [first]
         rows, elements = first.rows, first.elements
         if queue and rows < self.policy.max_rows:
-            kept: deque[_Pending] = deque()
+            kept: deque[Pending] = deque()
             while queue:
                 pending = queue.popleft()
                 if pending.key == first.key and rows + pending.rows <= self.policy.max_rows:
@@ -283,7 +309,7 @@ class Scheduler:
         self.mixed = bool(queue) and any(p.key != queue[0].key for p in queue)
         return taken, rows, elements
 
-    def _run_batch(self, batch: list[_Pending], rows: int) -> list[tuple[bool, Any]]:
+    def _run_batch(self, batch: list[Pending], rows: int) -> list[tuple[bool, Any]]:
         """(ok, outputs or error) for each request of the batch; one request's bad input never fails another."""
         if len(batch) == 1:
             return [self._run_one(batch[0])]
@@ -306,7 +332,7 @@ class Scheduler:
             start = end
         return results
 
-    def _run_one(self, pending: _Pending) -> tuple[bool, Any]:
+    def _run_one(self, pending: Pending) -> tuple[bool, Any]:
         try:
             if pending.context is None:
                 return True, self.runner(pending.feeds)
@@ -314,19 +340,22 @@ class Scheduler:
         except Exception as exc:
             return False, exc
 
-    def _finish(self, loop, batch: list[_Pending], rows: int, results: list[tuple[bool | None, Any]],
+    def _finish(self, loop, batch: list[Pending], rows: int, results: list[tuple[bool | None, Any]],
                 started: float) -> None:
         """Hand each request of the batch its outputs, or its error: (True, outputs), (False, the model's error
         on its input: ModelRejected) or (None, an error of the batch's own, raised as it is: a 500), then start
-        the next batch. Whatever happened, every future is done and the runner goes on."""
+        the next batch. Whatever happened, every request has its outcome and the runner goes on."""
         self._count(rows, len(batch), time.perf_counter() - started)
-        for pending, (ok, value) in zip(batch, results):
-            if pending.future.done():  # a client that went away
-                continue
-            if ok:
-                pending.future.set_result(value)
-            else:
-                pending.future.set_exception(ModelRejected(value) if ok is False else value)
+        for pending, outcome in zip(batch, results):
+            future = pending.future
+            if future is None:  # its request reads it when its task runs again
+                pending.outcome = outcome
+            elif not future.done():  # (done: a client that went away)
+                ok, value = outcome
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(ModelRejected(value) if ok is False else value)
         self._release(loop)
 
     async def _run_alone(self, loop: asyncio.AbstractEventLoop, feeds: Feeds) -> list[Any]:
@@ -350,6 +379,12 @@ class Scheduler:
 
 
 _ROWS, _ELEMENTS = operator.attrgetter("rows"), operator.attrgetter("elements")
+
+
+@types.coroutine
+def _next_turn() -> Any:
+    """Let the event loop run one turn, then go on (a bare yield: the task is scheduled again at once)."""
+    yield
 
 
 def _results(future: asyncio.Future, count: int) -> list[tuple[bool | None, Any]]:

@@ -172,11 +172,12 @@ PLAIN_CASES = [
 ]
 
 
+@pytest.mark.parametrize("booleans", [True, False], ids=["may hold booleans", "no true or false in the body"])
 @pytest.mark.parametrize("ort_type, value", PLAIN_CASES)
-def test_the_short_path_gives_the_general_paths_array(ort_type, value):
+def test_the_short_path_gives_the_general_paths_array(ort_type, value, booleans):
     from service import payload
 
-    got = payload._plain_numbers(value, spec(ort_type).dtype)
+    got = payload._plain_numbers(value, spec(ort_type).dtype, booleans)
     general = payload._json_to_array(value, spec(ort_type), True)
     assert got is not None, "the short path should take this value"
     assert got.dtype == general.dtype and got.shape == general.shape
@@ -205,6 +206,9 @@ def test_the_short_path_leaves_everything_else_to_the_general_one(ort_type, valu
     from service import payload
 
     assert payload._plain_numbers(value, spec(ort_type).dtype) is None
+    row = value[0] if value and isinstance(value[0], list) else value
+    if bool not in map(type, row):  # (without booleans in the body, the caller says so, and the pass is another)
+        assert payload._plain_numbers(value, spec(ort_type).dtype, False) is None
 
 
 @pytest.mark.parametrize("value, message", [

@@ -1,6 +1,7 @@
 """The batching scheduler's path for a request alone in the worker (service/scheduler.py), driven directly."""
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -67,9 +68,10 @@ def test_the_last_of_the_requests_in_flight_runs_the_batch_at_once_and_answers_e
             return doubled(feeds)
 
         scheduler = Scheduler(runner, ThreadPoolExecutor(1), CHEAP, in_flight=lambda: 3)
-        futures = [scheduler.enqueue({"x": np.full((1, 2), i, np.float32)}) for i in range(3)]
-        assert runs == [3] and all(f.done() for f in futures)  # before any await: no loop turn was needed
-        answers = [(await f)[0].tolist() for f in futures]
+        queued = [scheduler.enqueue({"x": np.full((1, 2), i, np.float32)}) for i in range(3)]
+        assert runs == [3] and all(p.outcome for p in queued)  # before any await: no loop turn was needed
+        assert not any(p.future for p in queued)  # a batch on the loop: no future made for anyone
+        answers = [(await scheduler.outputs(p))[0].tolist() for p in queued]
         assert answers == [[[0.0, 0.0]], [[2.0, 2.0]], [[4.0, 4.0]]]  # each its own rows back
         assert (scheduler.runs, scheduler.largest_requests, scheduler.busy, scheduler.depth) == (1, 3, False, 0)
 
@@ -80,9 +82,9 @@ def test_the_last_of_the_requests_in_flight_runs_the_batch_at_once_and_answers_e
 def test_when_not_every_request_in_flight_arrives_the_armed_turn_runs_the_batch(in_flight):
     async def scenario():
         scheduler = Scheduler(doubled, ThreadPoolExecutor(1), CHEAP, in_flight=lambda: in_flight)
-        futures = [scheduler.enqueue({"x": np.full((1, 2), i, np.float32)}) for i in range(2)]
-        assert not any(f.done() for f in futures) and scheduler.busy  # waiting for others who may join
-        answers = await asyncio.wait_for(asyncio.gather(*futures), 5)
+        queued = [scheduler.enqueue({"x": np.full((1, 2), i, np.float32)}) for i in range(2)]
+        assert not any(p.outcome for p in queued) and scheduler.busy  # waiting for others who may join
+        answers = await asyncio.wait_for(asyncio.gather(*map(scheduler.outputs, queued)), 5)
         assert [a[0].tolist() for a in answers] == [[[0.0, 0.0]], [[2.0, 2.0]]]
         assert (scheduler.runs, scheduler.largest_requests, scheduler.busy) == (1, 2, False)
 
@@ -94,8 +96,8 @@ def test_the_last_to_arrive_with_a_different_shape_waits_for_the_next_batch():
         scheduler = Scheduler(doubled, ThreadPoolExecutor(1), CHEAP, in_flight=lambda: 2)
         first = scheduler.enqueue({"x": np.ones((1, 2), np.float32)})
         other = scheduler.enqueue({"x": np.ones((1, 2), np.float64)})  # another dtype: never in first's batch
-        assert first.done() and not other.done()  # the batch ran without it; it runs on the next turn
-        assert (await asyncio.wait_for(other, 5))[0].dtype == np.float64
+        assert first.outcome and not other.outcome  # the batch ran without it; it runs on the next turn
+        assert (await asyncio.wait_for(scheduler.outputs(other), 5))[0].dtype == np.float64
         assert (scheduler.runs, scheduler.busy) == (2, False)
 
     asyncio.run(scenario())
@@ -114,13 +116,13 @@ def test_a_batch_that_fails_on_its_own_fails_each_request_and_the_runner_goes_on
 
     async def scenario():
         scheduler = Scheduler(scalar_output, ThreadPoolExecutor(1), policy, in_flight=lambda: 2)
-        futures = [scheduler.enqueue({"x": np.ones((1, 2), np.float32)}) for _ in range(2)]
-        outcomes = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 5)
+        queued = [scheduler.enqueue({"x": np.ones((1, 2), np.float32)}) for _ in range(2)]
+        outcomes = await asyncio.wait_for(asyncio.gather(*map(scheduler.outputs, queued), return_exceptions=True), 5)
         assert all(isinstance(o, Exception) and not isinstance(o, ModelRejected) for o in outcomes)
         assert not scheduler.busy and scheduler.depth == 0
         scheduler.runner = doubled  # the next requests find the runner free
         again = [scheduler.enqueue({"x": np.ones((1, 2), np.float32)}) for _ in range(2)]
-        assert [(await asyncio.wait_for(f, 5))[0].tolist() for f in again] == [[[2.0, 2.0]]] * 2
+        assert [(await asyncio.wait_for(scheduler.outputs(p), 5))[0].tolist() for p in again] == [[[2.0, 2.0]]] * 2
 
     asyncio.run(scenario())
 
@@ -137,9 +139,9 @@ def test_requests_of_another_shape_queued_between_leave_the_batch_to_the_oldest_
             return doubled(feeds)
 
         scheduler = Scheduler(runner, ThreadPoolExecutor(1), CHEAP, in_flight=lambda: 3)
-        futures = [scheduler.enqueue({"x": np.full((1, 2), i, dtype)})
-                   for i, dtype in enumerate([np.float32, np.float64, np.float32])]  # fmt: skip
-        answers = await asyncio.wait_for(asyncio.gather(*futures), 5)
+        queued = [scheduler.enqueue({"x": np.full((1, 2), i, dtype)})
+                  for i, dtype in enumerate([np.float32, np.float64, np.float32])]  # fmt: skip
+        answers = await asyncio.wait_for(asyncio.gather(*map(scheduler.outputs, queued)), 5)
         assert runs == [("float32", 2), ("float64", 1)]
         assert [a[0].tolist() for a in answers] == [[[0.0, 0.0]], [[2.0, 2.0]], [[4.0, 4.0]]]
         assert [a[0].dtype for a in answers] == [np.float32, np.float64, np.float32]
@@ -158,8 +160,8 @@ def test_a_batch_holds_at_most_max_rows_and_the_rest_runs_next():
 
         policy = BatchPolicy(True, "on", max_rows=4, fixed_seconds=1e-6, per_element_seconds=1e-9)
         scheduler = Scheduler(runner, ThreadPoolExecutor(1), policy, in_flight=lambda: 3)
-        futures = [scheduler.enqueue({"x": np.full((rows, 2), rows, np.float32)}) for rows in (2, 1, 3)]
-        answers = await asyncio.wait_for(asyncio.gather(*futures), 5)
+        queued = [scheduler.enqueue({"x": np.full((rows, 2), rows, np.float32)}) for rows in (2, 1, 3)]
+        answers = await asyncio.wait_for(asyncio.gather(*map(scheduler.outputs, queued)), 5)
         assert runs == [3, 3]  # 2 + 1 rows, then the 3 that would have made 6
         assert [a[0].tolist() for a in answers] == [[[4.0, 4.0]] * 2, [[2.0, 2.0]], [[6.0, 6.0]] * 3]
 
@@ -179,13 +181,54 @@ def test_outputs_are_split_back_by_request_whatever_their_form(outputs):
     async def scenario():
         scheduler = Scheduler(lambda feeds: outputs(feeds["x"]), ThreadPoolExecutor(1), CHEAP, in_flight=lambda: 3)
         feeds = [np.full((1, 2), i, np.float32) for i in range(3)]
-        futures = [scheduler.enqueue({"x": x}) for x in feeds]
-        answers = await asyncio.wait_for(asyncio.gather(*futures), 5)
+        queued = [scheduler.enqueue({"x": x}) for x in feeds]
+        answers = await asyncio.wait_for(asyncio.gather(*map(scheduler.outputs, queued)), 5)
         whole = outputs(np.concatenate(feeds))
         for i, answer in enumerate(answers):  # request i gets rows i:i+1 of every output, in its form
             assert len(answer) == len(whole)
             for got, expected in zip(answer, whole):
                 assert np.asarray(got).tolist() == np.asarray(expected[i : i + 1]).tolist()
         assert not scheduler.busy
+
+    asyncio.run(scenario())
+
+
+def test_requests_whose_batch_goes_to_the_pool_wait_on_a_future_made_when_needed():
+    """Each request alone is cheap enough for the loop, the three together are not: the batch runs in the pool,
+    and the requests, which queued without a future, still get their own rows once it is done."""
+    policy = BatchPolicy(True, "on", max_rows=64, fixed_seconds=1e-6, per_element_seconds=1e-4)  # < 5 elements
+
+    release = threading.Event()
+
+    def held(feeds):
+        release.wait(5)
+        return doubled(feeds)
+
+    async def scenario():
+        scheduler = Scheduler(held, ThreadPoolExecutor(1), policy, in_flight=lambda: 3)
+        queued = [scheduler.enqueue({"x": np.full((1, 2), i, np.float32)}) for i in range(3)]
+        assert not any(p.outcome or p.future for p in queued) and scheduler.busy  # running in the pool
+        waiting = asyncio.gather(*map(scheduler.outputs, queued))
+        for _ in range(3):  # the requests' turns: each finds no outcome yet and makes a future to wait on
+            await asyncio.sleep(0)
+        assert all(p.future is not None and not p.future.done() for p in queued)
+        release.set()
+        answers = await asyncio.wait_for(waiting, 5)
+        assert [a[0].tolist() for a in answers] == [[[0.0, 0.0]], [[2.0, 2.0]], [[4.0, 4.0]]]
+        assert not scheduler.busy
+
+    asyncio.run(scenario())
+
+
+def test_a_request_whose_client_went_away_while_queued_leaves_the_others_answered():
+    async def scenario():
+        scheduler = Scheduler(doubled, ThreadPoolExecutor(1), CHEAP, in_flight=lambda: 3)
+        queued = [scheduler.enqueue({"x": np.full((1, 2), i, np.float32)}) for i in range(2)]  # the third never comes
+        waiting = [asyncio.ensure_future(scheduler.outputs(p)) for p in queued]
+        waiting[0].cancel()
+        assert (await asyncio.wait_for(waiting[1], 5))[0].tolist() == [[2.0, 2.0]]
+        assert waiting[0].cancelled() and not scheduler.busy and scheduler.depth == 0
+        later = scheduler.enqueue({"x": np.ones((1, 2), np.float32)})
+        assert (await asyncio.wait_for(scheduler.outputs(later), 5))[0].tolist() == [[2.0, 2.0]]
 
     asyncio.run(scenario())
