@@ -60,10 +60,10 @@ def decode_inputs(body: bytes, specs: Sequence[TensorSpec], *, shared_dims: bool
     tensors = {}
     may_hold_booleans = _mentions_booleans(body)  # without a true or false in the text, no value is a boolean
     for spec, value in zip(specs, values):
-        array = _plain_numbers(value, spec.dtype, may_hold_booleans)
+        array = _plain_numbers(value, spec.dtype, may_hold_booleans, spec)  # its shape checked, if it takes it
         if array is None:
-            array = _json_to_array(value, spec, may_hold_booleans)
-        tensors[spec.name] = _shaped(array, spec)
+            array = _shaped(_json_to_array(value, spec, may_hold_booleans), spec)
+        tensors[spec.name] = array
     if shared_dims and _shared_plan(specs):
         check_shared_dimensions(specs, tensors)
     return tensors
@@ -112,14 +112,16 @@ def json_to_array(value: Any, spec: TensorSpec, *, may_hold_booleans: bool = Tru
     return array if array is not None else _json_to_array(value, spec, may_hold_booleans)
 
 
-def _plain_numbers(value: Any, target: np.dtype | None, may_hold_booleans: bool = True) -> np.ndarray | None:
+def _plain_numbers(value: Any, target: np.dtype | None, may_hold_booleans: bool = True,
+                   spec: TensorSpec | None = None) -> np.ndarray | None:
     """The usual request, a small list or list of rows of JSON numbers for a float input, checked on the parsed
     JSON itself and made an array in one numpy call; None for anything else (other nesting, uneven rows, a boolean,
     a string, a number that is not well inside the dtype's range, more than PLAIN_VALUES values), which
     `_json_to_array` then decides. The same array as that path: JSON numbers are doubles or integers under 2**53,
     which a float dtype takes by the one rounding `astype` makes. `may_hold_booleans=False` (the caller knows the
     JSON has no true or false) checks every value and its range in one pass, `abs`, which only numbers (and
-    booleans) take.
+    booleans) take. With `spec`, also None unless the array's rank and fixed dimensions are the input's, checked on
+    the lists' lengths (what `_shaped` checks on the array; the general path then says what is wrong).
 
     Why: on a request path that runs between two system calls, every numpy call costs several times what it costs
     in a loop (cold caches): a few C-speed passes of Python's builtins over a few values cost less than numpy's
@@ -129,15 +131,22 @@ def _plain_numbers(value: Any, target: np.dtype | None, may_hold_booleans: bool 
         return None
     values = value[0]
     if type(values) is list:  # rows
+        shape: tuple[int, ...] = (len(value), len(values))
         if len(value) > 1:
             if (len(value) * len(values) > PLAIN_VALUES or set(map(type, value)) != _LIST
                     or len(set(map(len, value))) != 1):  # fmt: skip
                 return None
             values = list(itertools.chain.from_iterable(value))
     else:
-        values = value
+        shape, values = (len(value),), value
     if not values or len(values) > PLAIN_VALUES:
         return None
+    if spec is not None:
+        if len(shape) != len(spec.shape):
+            return None
+        for axis, size in spec.fixed:
+            if shape[axis] != size:
+                return None
     if may_hold_booleans:
         if not set(map(type, values)) <= _NUMBERS or max(values) >= bound or min(values) <= -bound:
             return None

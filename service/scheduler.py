@@ -218,17 +218,19 @@ class Scheduler:
         if rows is None:
             return None
         loop = asyncio.get_running_loop()
-        queued_at = time.perf_counter() if policy.delay else 0.0  # what the opt-in delay counts from
-        # A future from the start only where the batch may run in the pool or wait for the delay.
-        future = loop.create_future() if policy.delay or not self._cheap(elements) else None
-        pending = Pending(feeds, rows, elements, key, contextvars.copy_context(), queued_at, future)
+        if policy.delay:  # a future from the start, and when it queued: what the delay counts from
+            pending = Pending(feeds, rows, elements, key, contextvars.copy_context(), time.perf_counter(),
+                              loop.create_future())  # fmt: skip
+        else:  # a future from the start only where the batch may run in the pool (`_cheap`)
+            future = None if elements < policy.inline_elements else loop.create_future()  # type: ignore[attr-defined]
+            pending = Pending(feeds, rows, elements, key, contextvars.copy_context(), 0.0, future)
         queue = self.queue
         if queue and key != queue[0].key:
             self.mixed = True
         queue.append(pending)
         if not self.busy:
             self._arm(loop)
-        if policy.delay == 0 and self._timer is not None and self.in_flight is not None:
+        if self._timer is not None and not policy.delay and self.in_flight is not None:
             begun = self.in_flight()  # the requests the worker has begun and not answered
             if begun is not None and len(queue) >= begun:
                 # Every request the worker has begun is queued: no one else can join this batch before the armed
@@ -401,6 +403,12 @@ def _measure(feeds: Feeds) -> tuple[int | None, int, tuple]:
     None if they don't (or one is rank 0). Elements: what a run's cost is estimated from. Requests batch together
     only when their keys are equal: every input agrees on dtype (by kind, size and byte order) and on every
     dimension but the first."""
+    if len(feeds) == 1:  # the usual model: one input
+        ((name, value),) = feeds.items()
+        shape = value.shape
+        if not shape or not shape[0]:
+            return None, 0, ()
+        return shape[0], value.size, ((name, value.dtype, shape[1:]),)
     rows, elements, key = None, 0, []
     for name, value in feeds.items():
         shape = value.shape

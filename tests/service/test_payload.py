@@ -211,6 +211,29 @@ def test_the_short_path_leaves_everything_else_to_the_general_one(ort_type, valu
         assert payload._plain_numbers(value, spec(ort_type).dtype, False) is None
 
 
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ([[1.0, 2.0, 3.0]], "dimension 1 must be 2"),
+        ([1.0, 2.0], "has rank 1"),
+        ([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], None),  # rows: free
+    ],
+)
+def test_the_short_path_checks_the_shape_on_the_lists_and_leaves_a_wrong_one_to_the_general_path(value, message):
+    from service import payload
+
+    input_spec = spec("float", ("N", 2))
+    taken = payload._plain_numbers(value, input_spec.dtype, False, input_spec)
+    body = orjson.dumps({"inputs": {"x": value}})
+    if message is None:
+        assert taken is not None and taken.shape == (3, 2)
+        assert decode_inputs(body, [input_spec])["x"].shape == (3, 2)
+    else:
+        assert taken is None  # the general path refuses it, naming what is wrong
+        with pytest.raises(BadRequest, match=message):
+            decode_inputs(body, [input_spec])
+
+
 @pytest.mark.parametrize("value, message", [
     ([[1.0, True]], "holds booleans"),
     ([[1.0, "2"]], "holds strings"),
