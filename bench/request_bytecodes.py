@@ -7,8 +7,9 @@ on every run and on any machine, so a change to the request path shows its effec
 
 Why count bytecodes: over a real socket, the event loop's system calls between two requests leave the
 interpreter's caches cold, and each bytecode then costs about 20 ns on this project's 2-CPU test machine against
-5-8 ns in a loop (docs/benchmarks.md, "The request path against its floor"). At 8 clients the service's CPU
-per request follows its bytecode count, not what an in-process timer says each step costs.
+5-8 ns in a loop (docs/benchmarks.md, "The request path against its floor"). The count shows where a path's
+Python goes; what a change is worth, only a measurement over HTTP says (`bench.side_by_side`): work done in C
+(a future's callbacks, a numpy attribute) costs far more there than its bytecodes (docs/benchmarks.md, round 4).
 """
 
 from __future__ import annotations
