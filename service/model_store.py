@@ -575,7 +575,8 @@ def session_runner(session: onnxruntime.InferenceSession, example: dict[str, np.
     are numpy arrays), WebGPU graph capture and an execution provider's fallback (the session is CPU only), then
     calls its C++ session's `run`. That is about 90 Python bytecodes a call, 1-2 microseconds on a request path
     (docs/benchmarks.md). The wrapper is kept if this onnxruntime has no such C++ session, or if its `run` does
-    not give the same outputs for `example` (an input the model ran at warm-up; without one, the wrapper)."""
+    not give outputs of the same kinds, shapes and dtypes as the wrapper's for `example` (an input the model ran at
+    warm-up; without one, the wrapper)."""
     inner = getattr(session, "_sess", None)
     direct = getattr(inner, "run", None)
     if direct is None or example is None or session.get_providers() != ["CPUExecutionProvider"]:

@@ -90,13 +90,19 @@ def to_tensor(value: Any, spec: TensorSpec, *, may_hold_booleans: bool = True) -
 
 def _shaped(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
     """`array`, once its rank and fixed dimensions are the input's."""
-    if array.ndim != len(spec.shape):
-        check_shape(array, spec)  # raises, naming the rank
-    shape = array.shape
+    if not _fits(array.shape, spec):
+        check_shape(array, spec)  # raises, naming the rank or the dimension
+    return array
+
+
+def _fits(shape: tuple[int, ...], spec: TensorSpec) -> bool:
+    """Whether a tensor of `shape` has the input's rank and fixed dimensions (free ones take any size)."""
+    if len(shape) != len(spec.shape):
+        return False
     for axis, size in spec.fixed:
         if shape[axis] != size:
-            check_shape(array, spec)  # raises, naming the dimension
-    return array
+            return False
+    return True
 
 
 def json_to_array(value: Any, spec: TensorSpec, *, may_hold_booleans: bool = True) -> np.ndarray:
@@ -141,12 +147,8 @@ def _plain_numbers(value: Any, target: np.dtype | None, may_hold_booleans: bool 
         shape, values = (len(value),), value
     if not values or len(values) > PLAIN_VALUES:
         return None
-    if spec is not None:
-        if len(shape) != len(spec.shape):
-            return None
-        for axis, size in spec.fixed:
-            if shape[axis] != size:
-                return None
+    if spec is not None and not _fits(shape, spec):
+        return None
     if may_hold_booleans:
         if not set(map(type, values)) <= _NUMBERS or max(values) >= bound or min(values) <= -bound:
             return None

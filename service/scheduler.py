@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import itertools
 import logging
 import operator
 import time
@@ -196,7 +195,7 @@ class Scheduler:
             if outcome is None:  # still queued (behind another batch, or one in the pool): wait on a future
                 if pending.future is None:
                     pending.future = asyncio.get_running_loop().create_future()
-                return await pending.future
+                outcome = await pending.future
         ok, value = outcome
         if ok:
             return value
@@ -218,12 +217,10 @@ class Scheduler:
         if rows is None:
             return None
         loop = asyncio.get_running_loop()
-        if policy.delay:  # a future from the start, and when it queued: what the delay counts from
-            pending = Pending(feeds, rows, elements, key, contextvars.copy_context(), time.perf_counter(),
-                              loop.create_future())  # fmt: skip
-        else:  # a future from the start only where the batch may run in the pool (`_cheap`)
-            future = None if elements < policy.inline_elements else loop.create_future()  # type: ignore[attr-defined]
-            pending = Pending(feeds, rows, elements, key, contextvars.copy_context(), 0.0, future)
+        queued_at = time.perf_counter() if policy.delay else 0.0  # what the opt-in delay counts from
+        # A future from the start only where the batch may run in the pool or wait for the delay.
+        future = loop.create_future() if policy.delay or not self._cheap(elements) else None
+        pending = Pending(feeds, rows, elements, key, contextvars.copy_context(), queued_at, future)
         queue = self.queue
         if queue and key != queue[0].key:
             self.mixed = True
@@ -320,13 +317,6 @@ class Scheduler:
             outputs = self.runner(feeds)
         except Exception:  # someone's input made the model fail: find whose, by running each alone
             return [self._run_one(p) for p in batch]
-        if rows == len(batch):  # a row each (the usual batch): each output's rows as (1, ...) views, in C
-            try:
-                results = list(zip(itertools.repeat(True), map(list, zip(*[value[:, None] for value in outputs]))))
-            except (TypeError, IndexError):  # an output that is not an array with rows: sliced below
-                results = []
-            if len(results) == rows:  # (an output with fewer rows than the batch is sliced below too)
-                return results
         results, start = [], 0
         for pending in batch:
             end = start + pending.rows
@@ -349,15 +339,10 @@ class Scheduler:
         the next batch. Whatever happened, every request has its outcome and the runner goes on."""
         self._count(rows, len(batch), time.perf_counter() - started)
         for pending, outcome in zip(batch, results):
+            pending.outcome = outcome  # `outputs` reads it, when its request's task runs again or from the future
             future = pending.future
-            if future is None:  # its request reads it when its task runs again
-                pending.outcome = outcome
-            elif not future.done():  # (done: a client that went away)
-                ok, value = outcome
-                if ok:
-                    future.set_result(value)
-                else:
-                    future.set_exception(ModelRejected(value) if ok is False else value)
+            if future is not None and not future.done():  # (done: a client that went away)
+                future.set_result(outcome)
         self._release(loop)
 
     async def _run_alone(self, loop: asyncio.AbstractEventLoop, feeds: Feeds) -> list[Any]:

@@ -171,7 +171,7 @@ def test_a_batch_holds_at_most_max_rows_and_the_rest_runs_next():
 @pytest.mark.parametrize(
     "outputs",
     [
-        lambda x: [x * 2, (x * 3)[:, :1]],  # two outputs, a row each per request: split without slicing
+        lambda x: [x * 2, (x * 3)[:, :1]],  # two outputs, a row each per request
         lambda x: [list(x * 2)],  # a list, not an array (BATCHING=on forced): sliced as a list
         lambda x: [(x * 2)[:1]],  # fewer rows than the batch (BATCHING=on forced): sliced, no one waits forever
     ],
