@@ -181,7 +181,12 @@ class InferenceApp:
         try:
             status, size = await route.handle(scope, receive, send, headers)
         finally:
-            self.logged.finish(scope, headers, status or 500, size, started, token)
+            # `self.logged.finish`, unrolled: a Python call costs this path about half a microsecond.
+            logged, status = self.logged, status or 500
+            if logged.metrics is not None:
+                logged.metrics.request(scope["path"], status, time.perf_counter() - started)
+            if token is not None or status >= logged.lowest_line:
+                logged.after(scope, headers, status, size, started, token)
 
 
 class Answer:
@@ -201,8 +206,7 @@ class NativeProtocol:
         self.store = store
         self.shared_dims = store.settings.check_shared_dims
 
-    def route_error(self, scope: dict) -> tuple[int, str] | None:
-        return None
+    route_error = None  # no refusal of its own: every /predict names the one model (InferProtocol has one)
 
     def decode(self, body: bytes, headers: dict[bytes, bytes]) -> tuple[dict, Any]:
         return decode_inputs(body, self.store.inputs, shared_dims=self.shared_dims), None
@@ -238,13 +242,17 @@ class Endpoint:
     async def handle(self, scope: dict, receive: Any, send: Any, headers: dict[bytes, bytes]) -> tuple[int, int]:
         """Answer the request; returns (status, body bytes) for the access log."""
         protocol = self.protocol
-        unavailable = self.store.unavailable()
-        refused = protocol.route_error(scope) or (unavailable and (503, unavailable))
-        if refused:
-            status, message = refused
-            extra = [(b"retry-after", RETRY_AFTER_SECONDS.encode())] if status == 503 else []
-            return await _send(send, *protocol.error(message, status), [JSON_CONTENT, *extra])
+        # Every Python call on this path costs a request about half a microsecond (docs/benchmarks.md, round 5):
+        # a ready model on a route with nothing of its own to refuse (/predict) asks nothing more.
+        if protocol.route_error is not None or self.store.status.state is not LoadState.READY:
+            unavailable = self.store.unavailable()
+            refused = (protocol.route_error and protocol.route_error(scope)) or (unavailable and (503, unavailable))
+            if refused:
+                status, message = refused
+                extra = [(b"retry-after", RETRY_AFTER_SECONDS.encode())] if status == 503 else []
+                return await _send(send, *protocol.error(message, status), [JSON_CONTENT, *extra])
         held = 0  # bytes of the memory budget this request holds (service/memory.py)
+        budget = self.budget
         try:
             declared = headers.get(b"content-length")
             length = int(declared) if declared is not None and declared.isdigit() else None
@@ -252,9 +260,10 @@ class Endpoint:
                 if length > self.max_body_bytes:
                     raise BadRequest(f"request body of {length} bytes is over the {self.max_body_bytes}-byte limit "
                                      "(MAX_BODY_BYTES)", 413)  # fmt: skip
-                cost = request_cost(length)
-                taken = self.budget.take_now(cost)  # before a byte of the body is read; no await when it fits
-                held = taken if taken is not None else await self.budget.admit(cost)
+                if budget.total is not None:  # no budget (no memory limit known): nothing to take or give back
+                    cost = request_cost(length)
+                    taken = budget.take_now(cost)  # before a byte of the body is read; no await when it fits
+                    held = taken if taken is not None else await budget.admit(cost)
             message = await receive()  # the whole body in one message: every body the server has whole
             if message["type"] == "http.request" and not message.get("more_body", False):
                 body = message.get("body", b"")
@@ -263,7 +272,7 @@ class Endpoint:
             else:
                 body = await read_body(receive, self.max_body_bytes, message)
             if length is None:
-                held = await self.budget.admit(request_cost(len(body)))  # chunked: by the bytes read
+                held = await budget.admit(request_cost(len(body)))  # chunked: by the bytes read
             if len(body) > INLINE_BODY_BYTES:
                 # The request's trace id rides along to log lines written in the pool.
                 loop = asyncio.get_running_loop()
@@ -279,13 +288,18 @@ class Endpoint:
             try:
                 # A request alone in the worker runs here and now; any other goes through the batching.
                 scheduler = self.scheduler
-                values = scheduler.run_now_if_alone(feeds)
+                # (a batch running: not alone, and no call to ask; under load, most requests)
+                values = None if scheduler.busy else scheduler.run_now_if_alone(feeds)
                 if values is None:
                     pending = scheduler.enqueue(feeds)
                     values = await (scheduler.outputs(pending) if pending is not None else scheduler.submit(feeds))
             except ModelRejected as exc:  # onnxruntime's own checks: dimensions that must agree, value ranges, ...
                 raise rejected_by_model(exc.cause, self.store.inputs, feeds) from None
-            if _output_bytes(values) > INLINE_OUTPUT_BYTES:
+            try:  # `_output_bytes`, inline for arrays
+                output_bytes = sum(map(_NBYTES, values))
+            except AttributeError:
+                output_bytes = _output_bytes(values)
+            if output_bytes > INLINE_OUTPUT_BYTES:
                 handle = contextvars.copy_context().run
                 payload, headers_out = await asyncio.get_running_loop().run_in_executor(
                     self.executor, handle, protocol.encode, request, values)  # fmt: skip
@@ -299,7 +313,7 @@ class Endpoint:
             return await self._refuse(exc, send)
         finally:
             if held:
-                self.budget.release(held)
+                budget.release(held)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-length", str(len(payload)).encode()), *headers_out]})  # fmt: skip
         await send({"type": "http.response.body", "body": payload})
@@ -407,6 +421,7 @@ class AccessLog:
         self.app, self.metrics = app, metrics
         self.enabled = mode != "off"
         self.lowest_status = 400 if mode == "errors" else 0
+        self.lowest_line = self.lowest_status if self.enabled else 1000  # the least status that gets a line
         self.lines = logs.AccessLines()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -430,9 +445,15 @@ class AccessLog:
             self.finish(scope, headers, response[0], response[1], started, token)
 
     def finish(self, scope: dict, headers: dict, status: int, size: int, started: float, token: Any) -> None:
-        path = scope["path"]
+        """A request answered: its metrics, then `after` (its line, its trace)."""
         if self.metrics is not None:
-            self.metrics.request(path, status, time.perf_counter() - started)
+            self.metrics.request(scope["path"], status, time.perf_counter() - started)
+        self.after(scope, headers, status, size, started, token)
+
+    def after(self, scope: dict, headers: dict, status: int, size: int, started: float, token: Any) -> None:
+        """A request answered and its metrics recorded: its access-log line, if any, and its trace reset. Nothing
+        to do unless `token` is set or `status >= self.lowest_line`: the hot path asks that first (InferenceApp)."""
+        path = scope["path"]
         if self.enabled and status >= self.lowest_status:
             level = logging.WARNING if status >= 500 and path != "/health" else logging.INFO  # 503: still loading
             if self.lines.enabled(level):

@@ -178,8 +178,11 @@ class MemoryBudget:
         total = self.total
         if total is None or cost <= 0:
             return 0
-        if not self.waiters and self.in_use + cost <= total:
-            self._take(cost)
+        in_use = self.in_use + cost
+        if in_use <= total and not self.waiters:
+            self.in_use = in_use  # `_take`, inline: every request passes here
+            if in_use > self.peak:
+                self.peak = in_use
             return cost
         return None
 

@@ -58,14 +58,20 @@ def decode_inputs(body: bytes, specs: Sequence[TensorSpec], *, shared_dims: bool
     except KeyError:  # as many inputs as the model's, but not all of its names
         raise _misnamed(inputs, specs) from None
     tensors = {}
-    may_hold_booleans = _mentions_booleans(body)  # without a true or false in the text, no value is a boolean
+    # Without a true or false in the text, no value is a boolean (`_mentions_booleans`; a short body inline).
+    if len(body) < _SHORT_BODY:
+        may_hold_booleans = body.find(b"true") != -1 or body.find(b"false") != -1
+    else:
+        may_hold_booleans = _mentions_booleans(body)
     for spec, value in zip(specs, values):
         array = _plain_numbers(value, spec.dtype, may_hold_booleans, spec)  # its shape checked, if it takes it
         if array is None:
             array = _shaped(_json_to_array(value, spec, may_hold_booleans), spec)
         tensors[spec.name] = array
-    if shared_dims and _shared_plan(specs):
-        check_shared_dimensions(specs, tensors)
+    if shared_dims:
+        seen, plan = _last_plan  # `_shared_plan`, inline for the model's own list of inputs
+        if plan if seen is specs else _shared_plan(specs):
+            check_shared_dimensions(specs, tensors)
     return tensors
 
 
