@@ -310,7 +310,11 @@ _ORT_NOISE = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : |/onnxruntime_src/\
 def encode_outputs(specs: Sequence[TensorSpec], values: Sequence[Any]) -> bytes:
     """{"outputs": {name: value}}: numbers, booleans, strings, and skl2onnx's lists of {label: probability}."""
     outputs = dict(zip(map(_NAME, specs), values))
-    try:
+    try:  # arrays and str keys, the usual outputs: OPT_NON_STR_KEYS costs every dict a slower path
+        return orjson.dumps({"outputs": outputs}, option=orjson.OPT_SERIALIZE_NUMPY)
+    except TypeError:
+        pass
+    try:  # skl2onnx's maps keyed by class labels (numbers)
         return orjson.dumps({"outputs": outputs}, option=_ENCODE_OPTIONS)
     except TypeError:  # string (object) arrays, rank 0, non-contiguous: numpy types orjson does not take natively
         return orjson.dumps({"outputs": {k: _plain(v) for k, v in outputs.items()}}, option=_ENCODE_OPTIONS)

@@ -4,7 +4,7 @@ import numpy as np
 import orjson
 import pytest
 
-from service.payload import BadRequest, decode_inputs, json_to_array, to_tensor
+from service.payload import BadRequest, decode_inputs, encode_outputs, json_to_array, to_tensor
 from service.tensors import TensorSpec
 
 
@@ -256,3 +256,18 @@ def test_names_are_checked_before_any_value():
     two = [spec("float", ("N", 2), "a"), spec("float", ("N", 2), "b")]
     with pytest.raises(BadRequest, match="unknown input 'c'"):  # not "input 'a' holds strings"
         decode_inputs(orjson.dumps({"inputs": {"a": [["s", 1.0]], "c": [[1.0, 2.0]]}}), two)
+
+
+def test_outputs_are_encoded_as_json_whatever_their_kind():
+    """Arrays in their dtype's shortest form, skl2onnx's maps keyed by class numbers with string keys (JSON has no
+    others), strings and rank-0 arrays as plain JSON: each kind takes its own encoding path."""
+    probabilities = np.array([[0.1, 0.9]], dtype=np.float32)
+    arrays = orjson.loads(encode_outputs([spec("float", name="p")], [probabilities]))
+    assert arrays == {"outputs": {"p": [[0.1, 0.9]]}}  # float32 0.1, not 0.10000000149011612
+    maps = [{0: 0.25, 1: 0.75}]
+    mixed = encode_outputs([spec("int64", name="label"), spec("float", name="p"), spec("float", name="zipmap")],
+                           [np.array([1]), probabilities, maps])  # fmt: skip
+    assert orjson.loads(mixed) == {"outputs": {"label": [1], "p": [[0.1, 0.9]], "zipmap": [{"0": 0.25, "1": 0.75}]}}
+    plain = encode_outputs([spec("string", name="s"), spec("float", (), name="r")],
+                           [np.array(["a", "b"], dtype=object), np.float32(0.5)])  # fmt: skip
+    assert orjson.loads(plain) == {"outputs": {"s": ["a", "b"], "r": 0.5}}
