@@ -10,13 +10,14 @@ import asyncio
 import contextlib
 import contextvars
 import gc
+import inspect
 import logging
 import operator
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable
 
 import numpy as np
 import orjson
@@ -156,47 +157,34 @@ class InferenceApp:
         self.logged = AccessLog(api, access_log, metrics)
         self.keys = keys  # API_KEYS: checked before any route, logged like any answer
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    @inspect.markcoroutinefunction  # an ASGI 3 app all the same: uvicorn awaits the coroutine it returns
+    def __call__(self, scope: dict, receive: Any, send: Any) -> Awaitable[None]:
+        """The inference routes' coroutine itself, not one of this app's awaiting it: every suspension and
+        resumption of a request passes through each coroutine of its chain, so one less costs every request about
+        a microsecond under load (docs/benchmarks.md, round 5)."""
         if scope["type"] != "http":
-            return await self.logged(scope, receive, send)
-        route: Any = None
+            return self.logged(scope, receive, send)
         if self.keys is not None:
             refusal = self.keys.refusal(scope)
             if refusal is not None:
-                route = Answer(*refusal)
-        if route is None and scope["method"] == "POST":
+                return self.logged(scope, receive, send, Answer(*refusal))
+        if scope["method"] == "POST":
             path = scope["path"]
             if path == "/predict":
-                route = self.predict
-            elif path.startswith("/v2/models/") and path.endswith("/infer"):
-                route = self.infer
-        if route is None:
-            return await self.logged(scope, receive, send)
-        # The hot path: the route reports its status and size for the access log (AccessLog.finish), no coroutine
-        # in between.
-        headers = dict(scope["headers"])
-        token = _trace(headers) if b"traceparent" in headers or b"x-cloud-trace-context" in headers else None
-        started = time.perf_counter()
-        status = size = 0
-        try:
-            status, size = await route.handle(scope, receive, send, headers)
-        finally:
-            # `self.logged.finish`, unrolled: a Python call costs this path about half a microsecond.
-            logged, status = self.logged, status or 500
-            if logged.metrics is not None:
-                logged.metrics.request(scope["path"], status, time.perf_counter() - started)
-            if token is not None or status >= logged.lowest_line:
-                logged.after(scope, headers, status, size, started, token)
+                return self.predict.handle(scope, receive, send, self.logged)
+            if path.startswith("/v2/models/") and path.endswith("/infer"):
+                return self.infer.handle(scope, receive, send, self.logged)
+        return self.logged(scope, receive, send)
 
 
 class Answer:
-    """A fixed answer (the API key check's 401) in the form of an inference route (`handle`)."""
+    """A fixed answer (the API key check's 401) as an ASGI app."""
 
     def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes):
         self.status, self.headers, self.body = status, headers, body
 
-    async def handle(self, scope: dict, receive: Any, send: Any, headers: dict[bytes, bytes]) -> tuple[int, int]:
-        return await _send(send, self.status, self.body, self.headers)
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        await _send(send, self.status, self.body, self.headers)
 
 
 class NativeProtocol:
@@ -237,87 +225,112 @@ class Endpoint:
         self.budget, self.metrics = budget, metrics
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        await self.handle(scope, receive, send, dict(scope["headers"]))
+        await self.handle(scope, receive, send)  # (FastAPI's route: its AccessLog logs the request)
 
-    async def handle(self, scope: dict, receive: Any, send: Any, headers: dict[bytes, bytes]) -> tuple[int, int]:
-        """Answer the request; returns (status, body bytes) for the access log."""
-        protocol = self.protocol
-        # Every Python call on this path costs a request about half a microsecond (docs/benchmarks.md, round 5):
-        # a ready model on a route with nothing of its own to refuse (/predict) asks nothing more.
-        if protocol.route_error is not None or self.store.status.state is not LoadState.READY:
-            unavailable = self.store.unavailable()
-            refused = (protocol.route_error and protocol.route_error(scope)) or (unavailable and (503, unavailable))
-            if refused:
-                status, message = refused
-                extra = [(b"retry-after", RETRY_AFTER_SECONDS.encode())] if status == 503 else []
-                return await _send(send, *protocol.error(message, status), [JSON_CONTENT, *extra])
-        held = 0  # bytes of the memory budget this request holds (service/memory.py)
-        budget = self.budget
+    async def handle(self, scope: dict, receive: Any, send: Any, logged: AccessLog | None = None) -> None:
+        """Answer the request, then, with `logged`, record it as `AccessLog` does (its metrics, its line if one is
+        due, its trace): `InferenceApp` hands the request here directly (the hot path)."""
+        headers = dict(scope["headers"])
+        token = None
+        if logged is not None and (b"traceparent" in headers or b"x-cloud-trace-context" in headers):
+            token = _trace(headers)
+        started = time.perf_counter()
+        status = size = 0
         try:
-            declared = headers.get(b"content-length")
-            length = int(declared) if declared is not None and declared.isdigit() else None
-            if length is not None:
-                if length > self.max_body_bytes:
-                    raise BadRequest(f"request body of {length} bytes is over the {self.max_body_bytes}-byte limit "
-                                     "(MAX_BODY_BYTES)", 413)  # fmt: skip
-                if budget.total is not None:  # no budget (no memory limit known): nothing to take or give back
-                    cost = request_cost(length)
-                    taken = budget.take_now(cost)  # before a byte of the body is read; no await when it fits
-                    held = taken if taken is not None else await budget.admit(cost)
-            message = await receive()  # the whole body in one message: every body the server has whole
-            if message["type"] == "http.request" and not message.get("more_body", False):
-                body = message.get("body", b"")
-                if len(body) > self.max_body_bytes:
-                    raise BadRequest(f"request body is over the {self.max_body_bytes}-byte limit (MAX_BODY_BYTES)", 413)
-            else:
-                body = await read_body(receive, self.max_body_bytes, message)
-            if length is None:
-                held = await budget.admit(request_cost(len(body)))  # chunked: by the bytes read
-            if len(body) > INLINE_BODY_BYTES:
-                # The request's trace id rides along to log lines written in the pool.
-                loop = asyncio.get_running_loop()
-                handle = contextvars.copy_context().run
-                decoded, answer = await loop.run_in_executor(self.executor, handle, self._large, body, headers)
-                if answer is not None:
-                    ran, seconds, (payload, headers_out) = answer
-                    self.scheduler.record(ran, seconds)
-                    return await _send(send, 200, payload, headers_out)
-                feeds, request = decoded
-            else:
-                feeds, request = protocol.decode(body, headers)
+            protocol = self.protocol
+            # Every Python call on this path costs a request about half a microsecond (docs/benchmarks.md, round
+            # 5): a ready model on a route with nothing of its own to refuse (/predict) asks nothing more.
+            if protocol.route_error is not None or self.store.status.state is not LoadState.READY:
+                unavailable = self.store.unavailable()
+                refused = protocol.route_error and protocol.route_error(scope)
+                refused = refused or (unavailable and (503, unavailable))
+                if refused:
+                    status, message = refused
+                    extra = [(b"retry-after", RETRY_AFTER_SECONDS.encode())] if status == 503 else []
+                    status, size = await _send(send, *protocol.error(message, status), [JSON_CONTENT, *extra])
+                    return
+            held = 0  # bytes of the memory budget this request holds (service/memory.py)
+            budget = self.budget
             try:
-                # A request alone in the worker runs here and now; any other goes through the batching.
-                scheduler = self.scheduler
-                # (a batch running: not alone, and no call to ask; under load, most requests)
-                values = None if scheduler.busy else scheduler.run_now_if_alone(feeds)
-                if values is None:
-                    pending = scheduler.enqueue(feeds)
-                    values = await (scheduler.outputs(pending) if pending is not None else scheduler.submit(feeds))
-            except ModelRejected as exc:  # onnxruntime's own checks: dimensions that must agree, value ranges, ...
-                raise rejected_by_model(exc.cause, self.store.inputs, feeds) from None
-            try:  # `_output_bytes`, inline for arrays
-                output_bytes = sum(map(_NBYTES, values))
-            except AttributeError:
-                output_bytes = _output_bytes(values)
-            if output_bytes > INLINE_OUTPUT_BYTES:
-                handle = contextvars.copy_context().run
-                payload, headers_out = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, handle, protocol.encode, request, values)  # fmt: skip
-            else:
-                payload, headers_out = protocol.encode(request, values)
-        except BadRequest as exc:
-            return await _send(send, *protocol.error(str(exc), exc.status), [JSON_CONTENT])
-        except ClientDisconnect:
-            return 499, 0  # the client went away mid-body: no one to answer, nothing to log but the access line
-        except OverBudget as exc:
-            return await self._refuse(exc, send)
+                declared = headers.get(b"content-length")
+                length = int(declared) if declared is not None and declared.isdigit() else None
+                if length is not None:
+                    if length > self.max_body_bytes:
+                        raise BadRequest(f"request body of {length} bytes is over the {self.max_body_bytes}-byte "
+                                         "limit (MAX_BODY_BYTES)", 413)  # fmt: skip
+                    if budget.total is not None:  # no budget (no memory limit known): nothing to take or give back
+                        cost = request_cost(length)
+                        taken = budget.take_now(cost)  # before a byte of the body is read; no await when it fits
+                        held = taken if taken is not None else await budget.admit(cost)
+                message = await receive()  # the whole body in one message: every body the server has whole
+                if message["type"] == "http.request" and not message.get("more_body", False):
+                    body = message.get("body", b"")
+                    if len(body) > self.max_body_bytes:
+                        raise BadRequest(f"request body is over the {self.max_body_bytes}-byte limit "
+                                         "(MAX_BODY_BYTES)", 413)  # fmt: skip
+                else:
+                    body = await read_body(receive, self.max_body_bytes, message)
+                if length is None:
+                    held = await budget.admit(request_cost(len(body)))  # chunked: by the bytes read
+                if len(body) > INLINE_BODY_BYTES:
+                    # The request's trace id rides along to log lines written in the pool.
+                    loop = asyncio.get_running_loop()
+                    handle = contextvars.copy_context().run
+                    decoded, answer = await loop.run_in_executor(self.executor, handle, self._large, body,
+                                                                 headers)  # fmt: skip
+                    if answer is not None:
+                        ran, seconds, (payload, headers_out) = answer
+                        self.scheduler.record(ran, seconds)
+                        status, size = await _send(send, 200, payload, headers_out)
+                        return
+                    feeds, request = decoded
+                else:
+                    feeds, request = protocol.decode(body, headers)
+                try:
+                    # A request alone in the worker runs here and now; any other goes through the batching.
+                    scheduler = self.scheduler
+                    # (a batch running: not alone, and no call to ask; under load, most requests)
+                    values = None if scheduler.busy else scheduler.run_now_if_alone(feeds)
+                    if values is None:
+                        pending = scheduler.enqueue(feeds)
+                        waiting = scheduler.outputs(pending) if pending is not None else scheduler.submit(feeds)
+                        values = await waiting
+                except ModelRejected as exc:  # onnxruntime's own checks: dimensions that must agree, value ranges...
+                    raise rejected_by_model(exc.cause, self.store.inputs, feeds) from None
+                try:  # `_output_bytes`, inline for arrays
+                    output_bytes = sum(map(_NBYTES, values))
+                except AttributeError:
+                    output_bytes = _output_bytes(values)
+                if output_bytes > INLINE_OUTPUT_BYTES:
+                    handle = contextvars.copy_context().run
+                    payload, headers_out = await asyncio.get_running_loop().run_in_executor(
+                        self.executor, handle, protocol.encode, request, values)  # fmt: skip
+                else:
+                    payload, headers_out = protocol.encode(request, values)
+            except BadRequest as exc:
+                status, size = await _send(send, *protocol.error(str(exc), exc.status), [JSON_CONTENT])
+                return
+            except ClientDisconnect:
+                # the client went away mid-body: no one to answer, nothing to log but the access line
+                status, size = 499, 0
+                return
+            except OverBudget as exc:
+                status, size = await self._refuse(exc, send)
+                return
+            finally:
+                if held:
+                    budget.release(held)
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", str(len(payload)).encode()), *headers_out]})  # fmt: skip
+            await send({"type": "http.response.body", "body": payload})
+            status, size = 200, len(payload)
         finally:
-            if held:
-                budget.release(held)
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-length", str(len(payload)).encode()), *headers_out]})  # fmt: skip
-        await send({"type": "http.response.body", "body": payload})
-        return 200, len(payload)
+            if logged is not None:  # `logged.finish`, unrolled: a Python call costs this path about 0.5 µs
+                status = status or 500
+                if logged.metrics is not None:
+                    logged.metrics.request(scope["path"], status, time.perf_counter() - started)
+                if token is not None or status >= logged.lowest_line:
+                    logged.after(scope, headers, status, size, started, token)
 
     async def _refuse(self, exc: OverBudget, send: Any) -> tuple[int, int]:
         """Answer a request the memory budget refused: 503 with Retry-After, or 413. Its body, unread, is read and
@@ -424,9 +437,11 @@ class AccessLog:
         self.lowest_line = self.lowest_status if self.enabled else 1000  # the least status that gets a line
         self.lines = logs.AccessLines()
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: dict, receive: Any, send: Any, app: Any = None) -> None:
+        """Serve the request by `app` (default: the app this log wraps), and log it."""
+        app = app or self.app
         if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+            return await app(scope, receive, send)
         headers = dict(scope["headers"])
         token = _trace(headers)
         started = time.perf_counter()
@@ -440,7 +455,7 @@ class AccessLog:
             await send(message)
 
         try:
-            await self.app(scope, receive, record if self.enabled or self.metrics else send)
+            await app(scope, receive, record if self.enabled or self.metrics else send)
         finally:
             self.finish(scope, headers, response[0], response[1], started, token)
 
