@@ -245,9 +245,9 @@ class Endpoint:
                 refused = protocol.route_error and protocol.route_error(scope)
                 refused = refused or (unavailable and (503, unavailable))
                 if refused:
-                    status, message = refused
-                    extra = [(b"retry-after", RETRY_AFTER_SECONDS.encode())] if status == 503 else []
-                    status, size = await _send(send, *protocol.error(message, status), [JSON_CONTENT, *extra])
+                    code, message = refused  # (not `status`: a send that fails is recorded as 500)
+                    extra = [(b"retry-after", RETRY_AFTER_SECONDS.encode())] if code == 503 else []
+                    status, size = await _send(send, *protocol.error(message, code), [JSON_CONTENT, *extra])
                     return
             held = 0  # bytes of the memory budget this request holds (service/memory.py)
             budget = self.budget
@@ -426,7 +426,7 @@ class AccessLog:
     and the request's route, status and latency for the metrics.
 
     Every route but the inference ones goes through `__call__`, which watches the answer go out; the inference
-    routes, the hot path, report their status and size themselves to `finish` (InferenceApp).
+    routes, the hot path, record themselves as `finish` does (`Endpoint.handle`).
     """
 
     def __init__(self, app: Any, mode: str = "all", metrics: Recorder | None = None):
@@ -467,7 +467,7 @@ class AccessLog:
 
     def after(self, scope: dict, headers: dict, status: int, size: int, started: float, token: Any) -> None:
         """A request answered and its metrics recorded: its access-log line, if any, and its trace reset. Nothing
-        to do unless `token` is set or `status >= self.lowest_line`: the hot path asks that first (InferenceApp)."""
+        to do unless `token` is set or `status >= self.lowest_line`: the hot path asks that first (`Endpoint.handle`)."""
         path = scope["path"]
         if self.enabled and status >= self.lowest_status:
             level = logging.WARNING if status >= 500 and path != "/health" else logging.INFO  # 503: still loading

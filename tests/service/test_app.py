@@ -268,9 +268,11 @@ def test_access_log_modes(demo_model, mode, logged_statuses):
     access = logging.getLogger("service.access")
     level = access.level
     access.setLevel(logging.INFO)
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    headers = {"traceparent": f"00-{trace}-00f067aa0ba902b7-01"}  # set, then reset, with or without a line
     try:
-        assert client.post("/predict", json={"inputs": [[1, 2, 3, 4]]}).status_code == 200
-        assert client.post("/predict", json={"inputs": [[1, 2, 3]]}).status_code == 422
+        assert client.post("/predict", json={"inputs": [[1, 2, 3, 4]]}, headers=headers).status_code == 200
+        assert client.post("/predict", json={"inputs": [[1, 2, 3]]}, headers=headers).status_code == 422
         if logged_statuses:
             access_lines(client, len(logged_statuses))  # the lines of a loop turn are written at its end
         else:
@@ -280,6 +282,21 @@ def test_access_log_modes(demo_model, mode, logged_statuses):
         access.setLevel(level)
         client.__exit__(None, None, None)
     assert [line["httpRequest"]["status"] for line in lines] == logged_statuses
+    assert all(line["logging.googleapis.com/trace"] == trace for line in lines)
+
+
+def test_uvicorn_serves_the_app_as_asgi_3(demo_model):
+    """`InferenceApp.__call__` returns its route's coroutine rather than being one: uvicorn must still take it for
+    an ASGI 3 app (it would wrap anything else in its ASGI 2 adapter, which calls it with the scope alone)."""
+    import uvicorn
+
+    client = client_for(demo_model)
+    try:
+        config = uvicorn.Config(client.app)
+        config.load()
+        assert config.interface == "asgi3"
+    finally:
+        client.__exit__(None, None, None)
 
 
 def test_access_log_accepts_true_and_false(demo_model):

@@ -260,7 +260,8 @@ def test_names_are_checked_before_any_value():
 
 def test_outputs_are_encoded_as_json_whatever_their_kind():
     """Arrays in their dtype's shortest form, skl2onnx's maps keyed by class numbers with string keys (JSON has no
-    others), strings and rank-0 arrays as plain JSON: each kind takes its own encoding path."""
+    others), string arrays as plain JSON: each kind takes its own encoding path (orjson's numpy support, then its
+    non-string keys, then plain Python values)."""
     probabilities = np.array([[0.1, 0.9]], dtype=np.float32)
     arrays = orjson.loads(encode_outputs([spec("float", name="p")], [probabilities]))
     assert arrays == {"outputs": {"p": [[0.1, 0.9]]}}  # float32 0.1, not 0.10000000149011612
@@ -269,5 +270,5 @@ def test_outputs_are_encoded_as_json_whatever_their_kind():
                            [np.array([1]), probabilities, maps])  # fmt: skip
     assert orjson.loads(mixed) == {"outputs": {"label": [1], "p": [[0.1, 0.9]], "zipmap": [{"0": 0.25, "1": 0.75}]}}
     plain = encode_outputs([spec("string", name="s"), spec("float", (), name="r")],
-                           [np.array(["a", "b"], dtype=object), np.float32(0.5)])  # fmt: skip
+                           [np.array(["a", "b"], dtype=object), np.array(0.5, dtype=np.float32)])  # fmt: skip
     assert orjson.loads(plain) == {"outputs": {"s": ["a", "b"], "r": 0.5}}
