@@ -297,10 +297,10 @@ class Endpoint:
                         values = await waiting
                 except ModelRejected as exc:  # onnxruntime's own checks: dimensions that must agree, value ranges...
                     raise rejected_by_model(exc.cause, self.store.inputs, feeds) from None
-                try:  # `_output_bytes`, inline for arrays
+                try:  # the outputs' bytes: all arrays, the usual outputs
                     output_bytes = sum(map(_NBYTES, values))
                 except AttributeError:
-                    output_bytes = _output_bytes(values)
+                    output_bytes = _mixed_output_bytes(values)
                 if output_bytes > INLINE_OUTPUT_BYTES:
                     handle = contextvars.copy_context().run
                     payload, headers_out = await asyncio.get_running_loop().run_in_executor(
@@ -353,12 +353,10 @@ class Endpoint:
         return None, (feeds, seconds, self.protocol.encode(request, values))
 
 
-def _output_bytes(values: list) -> int:
-    """The outputs' bytes, counting anything but an array (skl2onnx's lists of maps) as INLINE_OUTPUT_BYTES."""
-    try:
-        return sum(map(_NBYTES, values))
-    except AttributeError:  # not all arrays: the slower count
-        return sum(v.nbytes if isinstance(v, np.ndarray) else INLINE_OUTPUT_BYTES for v in values)
+def _mixed_output_bytes(values: list) -> int:
+    """The outputs' bytes when not all are arrays, counting anything else (skl2onnx's lists of maps) as
+    INLINE_OUTPUT_BYTES: encoded in the pool."""
+    return sum(v.nbytes if isinstance(v, np.ndarray) else INLINE_OUTPUT_BYTES for v in values)
 
 
 _NBYTES = operator.attrgetter("nbytes")
@@ -433,8 +431,7 @@ class AccessLog:
         """mode: "all" requests, only "errors" (answers >= 400), or "off" (ACCESS_LOG)."""
         self.app, self.metrics = app, metrics
         self.enabled = mode != "off"
-        self.lowest_status = 400 if mode == "errors" else 0
-        self.lowest_line = self.lowest_status if self.enabled else 1000  # the least status that gets a line
+        self.lowest_line = 1000 if mode == "off" else 400 if mode == "errors" else 0  # the least status with a line
         self.lines = logs.AccessLines()
 
     async def __call__(self, scope: dict, receive: Any, send: Any, app: Any = None) -> None:
@@ -467,9 +464,9 @@ class AccessLog:
 
     def after(self, scope: dict, headers: dict, status: int, size: int, started: float, token: Any) -> None:
         """A request answered and its metrics recorded: its access-log line, if any, and its trace reset. Nothing
-        to do unless `token` is set or `status >= self.lowest_line`: the hot path asks that first (`Endpoint.handle`)."""
+        to do unless `token` is set or `status >= self.lowest_line`: the hot path (`Endpoint.handle`) asks first."""
         path = scope["path"]
-        if self.enabled and status >= self.lowest_status:
+        if status >= self.lowest_line:
             level = logging.WARNING if status >= 500 and path != "/health" else logging.INFO  # 503: still loading
             if self.lines.enabled(level):
                 self.lines.request(level, scope, headers, status, size, time.perf_counter() - started)
